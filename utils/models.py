@@ -1,0 +1,194 @@
+"""The course's models: configs, building, evaluation, and the checkpoint format.
+
+A checkpoint is two files in data/models/: ``<name>.safetensors`` (the state dict) and
+``<name>.json`` = ``{"config": {...}, "training": {...}}``, where ``config`` holds the
+keyword arguments of ``TransformerBridgeConfig``. It is restored exactly by
+
+    TransformerBridge.boot_native(TransformerBridgeConfig(**cfg["config"]))
+    model.load_state_dict(safetensors.torch.load_file(path))
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from transformer_lens import TransformerBridge, TransformerBridgeConfig
+
+from utils import tasks
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS_DIR = ROOT / "data" / "models"
+
+_TOY = dict(n_heads=1, normalization_type=None)
+CONFIGS: dict[str, dict] = {
+    "bigram": dict(d_model=32, d_head=32, n_layers=0, n_ctx=tasks.BIGRAM_SEQ, d_vocab=tasks.BIGRAM_VOCAB,
+                   normalization_type=None, init_mode="xavier_normal"),
+    "max_of_list": dict(d_model=32, d_head=32, n_layers=1, n_ctx=6, d_vocab=tasks.MAX_OF_LIST_VOCAB,
+                        attn_only=True, **_TOY),
+    "addition": dict(d_model=128, d_head=128, n_layers=1, n_ctx=2, d_vocab=tasks.ADDITION_MAX + 1,
+                     d_mlp=128, act_fn="relu", **_TOY),
+    "fibonacci": dict(d_model=128, d_head=128, n_layers=1, n_ctx=tasks.FIBONACCI_LENGTH,
+                      d_vocab=tasks.ADDITION_MAX + 1, d_mlp=128, act_fn="relu", **_TOY),
+}
+
+# accuracy targets from COURSE.md
+MAX_OF_LIST_TARGET = 0.999
+BIGRAM_KL_TARGET = 0.01  # nats, averaged over the chain's stationary distribution
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable, or does not match its config."""
+
+
+def rebuild_command(name: str) -> str:
+    return f"python -m utils.train {name}"
+
+
+def build_model(name: str, seed: int = 0) -> TransformerBridge:
+    """A freshly initialised model for task `name`, biases frozen at zero.
+
+    The zero-layer bigram model also has its positional embedding frozen at zero, so
+    that its logits are exactly W_E W_U for every position.
+    """
+    model = TransformerBridge.boot_native(TransformerBridgeConfig(**CONFIGS[name], seed=seed))
+    freeze_biases(model)
+    if CONFIGS[name]["n_layers"] == 0:
+        model.W_pos.data.zero_()
+        model.W_pos.requires_grad_(False)
+    return model
+
+
+def freeze_biases(model: torch.nn.Module) -> None:
+    """Set every bias to zero and stop it from training (TransformerLens 4 cannot switch them off)."""
+    for pname, p in model.named_parameters():
+        if pname.endswith("bias"):
+            p.data.zero_()
+            p.requires_grad_(False)
+
+
+# --------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def predictions(model: torch.nn.Module, tokens: Tensor, batch_size: int = 65536) -> Tensor:
+    """The model's argmax prediction at every position, [batch, seq]."""
+    return torch.cat([model(chunk).argmax(-1) for chunk in tokens.split(batch_size)])
+
+
+def accuracy(model: torch.nn.Module, tokens: Tensor, targets: Tensor) -> float:
+    """Fraction of target positions (targets != IGNORE) the model gets right."""
+    keep = targets != tasks.IGNORE
+    return (predictions(model, tokens)[keep] == targets[keep]).float().mean().item()
+
+
+def max_of_list_accuracy_by_length(model: torch.nn.Module, samples: int = 100_000, seed: int = 1234) -> dict[int, float]:
+    """Accuracy on the last position of lists of each length 2-6.
+
+    Lengths 2 and 3 are exhaustive (4,096 and 262,144 lists); longer lengths use
+    `samples` random lists from a fixed seed.
+    """
+    g = torch.Generator().manual_seed(seed)
+    result = {}
+    for length in tasks.MAX_OF_LIST_LENGTHS:
+        if length <= 3:
+            tokens = tasks.all_lists(length)
+        else:
+            tokens = torch.randint(0, tasks.MAX_OF_LIST_VOCAB, (samples, length), generator=g)
+        pred = predictions(model, tokens)[:, -1]
+        result[length] = (pred == tokens.max(-1).values).float().mean().item()
+    return result
+
+
+def bigram_table(model: TransformerBridge) -> Tensor:
+    """The zero-layer model's log transition table log_softmax(W_E W_U + b_U), [vocab (current), vocab (next)]."""
+    return torch.log_softmax(model.W_E @ model.W_U + model.b_U, dim=-1)
+
+
+def bigram_kl(model: TransformerBridge, transitions: Tensor) -> float:
+    """KL(true chain || model) in nats per step, averaged over the stationary distribution."""
+    with torch.no_grad():
+        log_model = bigram_table(model)
+    log_true = transitions.log()
+    kl_rows = (transitions * (log_true - log_model)).sum(-1)
+    return (tasks.stationary_distribution(transitions) @ kl_rows).item()
+
+
+def evaluate(model: TransformerBridge, name: str) -> dict:
+    """The accuracy report for task `name` (the figures COURSE.md sets targets for)."""
+    if name == "max_of_list":
+        by_length = max_of_list_accuracy_by_length(model)
+        return {"accuracy_by_length": by_length, "min_accuracy": min(by_length.values())}
+    if name == "addition":
+        return {"accuracy": accuracy(model, *tasks.addition_pairs())}
+    if name == "fibonacci":
+        return {"accuracy": accuracy(model, *tasks.fibonacci_sequences())}
+    if name == "bigram":
+        return {"kl": bigram_kl(model, tasks.bigram_transition_matrix())}
+    raise ValueError(f"unknown model {name!r}; expected one of {sorted(CONFIGS)}")
+
+
+def meets_target(name: str, report: dict) -> bool:
+    """Whether an `evaluate` report reaches the target COURSE.md sets for `name`."""
+    if name == "max_of_list":
+        return report["min_accuracy"] >= MAX_OF_LIST_TARGET
+    if name == "bigram":
+        return report["kl"] <= BIGRAM_KL_TARGET
+    return report["accuracy"] == 1.0
+
+
+# --------------------------------------------------------------------- checkpoints
+def save_checkpoint(model: TransformerBridge, name: str, config: dict, training: dict,
+                    models_dir: Path | str = MODELS_DIR) -> Path:
+    """Write <models_dir>/<name>.safetensors and <name>.json; returns the safetensors path."""
+    from safetensors.torch import save_file
+
+    models_dir = Path(models_dir)
+    models_dir.mkdir(parents=True, exist_ok=True)
+    path = models_dir / f"{name}.safetensors"
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path))
+    meta = {"config": config, "training": training}
+    (models_dir / f"{name}.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def read_checkpoint_meta(name: str, models_dir: Path | str = MODELS_DIR) -> dict:
+    """The checkpoint's JSON ({"config", "training"}), or a CheckpointError naming the file."""
+    path = Path(models_dir) / f"{name}.json"
+    fix = f"Rebuild it with: {rebuild_command(name)}"
+    if not path.exists():
+        raise CheckpointError(f"checkpoint metadata {path} is missing. {fix}")
+    try:
+        meta = json.loads(path.read_text())
+        meta["config"], meta["training"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"checkpoint metadata {path} is not valid ({err}). {fix}") from None
+    return meta
+
+
+def load_model(name: str, models_dir: Path | str = MODELS_DIR) -> TransformerBridge:
+    """The trained model shipped in data/models/<name>, restored exactly (eval mode).
+
+    Raises CheckpointError, naming the file and the command that rebuilds it, when a
+    file is missing, corrupt, or does not match its config.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    meta = read_checkpoint_meta(name, models_dir)
+    path = Path(models_dir) / f"{name}.safetensors"
+    fix = f"Rebuild it with: {rebuild_command(name)}"
+    if not path.exists():
+        raise CheckpointError(f"checkpoint weights {path} are missing. {fix}")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"checkpoint weights {path} are corrupt ({err}). {fix}") from None
+    try:
+        model = TransformerBridge.boot_native(TransformerBridgeConfig(**meta["config"]))
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0]
+        raise CheckpointError(f"checkpoint {path} does not match its config in {path.with_suffix('.json')} "
+                              f"({first_line}). {fix}") from None
+    return model.eval()
