@@ -59,3 +59,158 @@ def compare_tensors(got: Any, expected: Tensor, exercise: str, hint: str, atol: 
         idx = tuple(int(i) for i in wrong.nonzero()[0])
         raise CheckFailed(f"{exercise}: {int(wrong.sum())} of {wrong.numel()} entries differ; at index {idx} "
                           f"expected {exp_cmp[idx].item():.5g}, got {got_cmp[idx].item():.5g}. Hint: {hint}")
+
+
+def _random_models() -> list:
+    """Freshly initialised max_of_list (attention only) and addition (with MLP) models with non-zero biases."""
+    from utils import models
+
+    out = []
+    for name in ("max_of_list", "addition"):
+        seed = int(torch.randint(0, 10_000, ()))
+        state = models.build_model(name, seed=seed).state_dict()
+        for key in state:
+            if key.endswith("bias") and key != "unembed.bias":
+                state[key] = 0.1 * torch.randn_like(state[key])
+        out.append((name, models.model_from_state(dict(models.CONFIGS[name], seed=seed), state)))
+    return out
+
+
+# ------------------------------------------------------------------ chapter 00: tour
+def check_residual_from_components(fn: Callable) -> None:
+    from utils import circuits
+
+    ex = "Exercise 0.1 (residual_from_components)"
+    hint = ("add cache['hook_embed'], cache['hook_pos_embed'], and for every layer cache['attn_out', layer] "
+            "and, unless model.cfg.attn_only, cache['mlp_out', layer].")
+    for name, model in _random_models():
+        tokens = torch.randint(0, model.cfg.d_vocab, (4, model.cfg.n_ctx))
+        _, cache = model.run_with_cache(tokens)
+        got = call_learner(fn, ex, model, cache)
+        compare_tensors(got, circuits.residual_from_components(model, cache), f"{ex} on the {name} model", hint, atol=1e-4)
+    passed(ex)
+
+
+def check_attention_pattern(fn: Callable) -> None:
+    from utils import circuits
+
+    ex = "Exercise 0.2 (attention_pattern)"
+    hint = ("scores[b, h, q, k] = q[b, q, h] . k[b, k, h] / sqrt(d_head); set keys after the query (k > q) "
+            "to -inf, then softmax over the key axis (the last one).")
+    for batch, pos, heads, d_head in [(3, 6, 1, 32), (2, 5, 3, 8)]:
+        q, k = torch.randn(batch, pos, heads, d_head), torch.randn(batch, pos, heads, d_head)
+        got = call_learner(fn, ex, q, k)
+        compare_tensors(got, circuits.attention_pattern(q, k), ex, hint, atol=1e-5)
+    passed(ex)
+
+
+def check_rotate_residual_stream(fn: Callable) -> None:
+    from utils import models
+
+    ex = "Exercise 0.3 (rotate_residual_stream)"
+    for name, model in _random_models():
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        R = torch.linalg.qr(torch.randn(model.cfg.d_model, model.cfg.d_model))[0]
+        got = call_learner(fn, ex, {k: v.clone() for k, v in state.items()}, R)
+        if not isinstance(got, dict) or set(got) != set(state):
+            got_keys = sorted(got) if isinstance(got, dict) else type(got).__name__
+            raise CheckFailed(f"{ex}: expected a dict with the same keys as the state dict ({len(state)} keys), "
+                              f"got {got_keys}. Hint: return a new entry for every key, rotated or copied.")
+        expected = models.rotate_residual_stream(state, R)
+        for key in state:
+            if key.endswith(models._WRITES):
+                hint = f"{key} writes to the stream (d_model is its first axis): use R.T @ W."
+            elif key.endswith(models._WRITE_BIASES):
+                hint = f"{key} is added to the stream, so it rotates like a residual vector: b @ R."
+            elif key.endswith(models._READS):
+                hint = f"{key} has d_model as its last axis: use W @ R."
+            else:
+                hint = f"{key} does not touch the residual stream: copy it unchanged."
+            compare_tensors(got[key], expected[key], f"{ex} on the {name} model", hint, atol=1e-5, what=f"entry {key!r}")
+    passed(ex)
+
+
+# ------------------------------------------------------------------ chapter 01: training
+def check_max_of_list_targets(fn: Callable) -> None:
+    from utils import tasks
+
+    ex = "Exercise 1.1 (max_of_list_targets)"
+    hint = ("the target at position i is the largest of tokens[..., :i+1] (a running maximum: torch.cummax), "
+            "and position 0 has no target: set it to IGNORE (-1).")
+    for length in (2, 4, 6):
+        tokens = torch.randint(0, tasks.MAX_OF_LIST_VOCAB, (16, length))
+        got = call_learner(fn, ex, tokens.clone())
+        compare_tensors(got, tasks.max_of_list_targets(tokens), ex, hint)
+    passed(ex)
+
+
+def check_addition_pairs(fn: Callable) -> None:
+    from utils import tasks
+
+    ex = "Exercise 1.2 (addition_pairs)"
+    hint = ("include every pair with a + b <= max_sum (0 included, the bound too), ordered by a then b; targets "
+            "are IGNORE (-1) at position 0 and a + b at position 1.")
+    for max_sum in (int(torch.randint(3, 12, ())), tasks.ADDITION_MAX):
+        got = call_learner(fn, ex, max_sum)
+        if not (isinstance(got, tuple) and len(got) == 2):
+            raise CheckFailed(f"{ex}: expected a pair (tokens, targets), got {type(got).__name__}. Hint: return tokens, targets")
+        tokens, targets = tasks.addition_pairs(max_sum)
+        compare_tensors(got[0], tokens, f"{ex} with max_sum={max_sum}", hint, what="tokens")
+        compare_tensors(got[1], targets, f"{ex} with max_sum={max_sum}", hint, what="targets")
+    passed(ex)
+
+
+def check_fibonacci_targets(fn: Callable) -> None:
+    from utils import tasks
+
+    ex = "Exercise 1.3 (fibonacci_targets)"
+    hint = ("at position i >= 1 the target is the next element x[i+1]; after the last token it is x[-2] + x[-1], "
+            "which does not appear in the input. Positions whose target exceeds max_value, and position 0, get IGNORE.")
+    for max_value in (127, int(torch.randint(20, 60, ()))):
+        tokens = tasks.fibonacci_sequences(5, max_value)[0]
+        tokens = tokens[torch.randperm(len(tokens))[:64]]
+        got = call_learner(fn, ex, tokens.clone(), max_value)
+        compare_tensors(got, tasks.fibonacci_targets(tokens, max_value), f"{ex} with max_value={max_value}", hint)
+    passed(ex)
+
+
+def check_loss_fn(fn: Callable) -> None:
+    from utils import tasks, train
+
+    ex = "Exercise 1.4 (loss_fn)"
+    hint = ("F.cross_entropy wants [N, vocab] logits and [N] targets: flatten batch and position, and pass "
+            "ignore_index=IGNORE so that positions without a target do not count (the mean is over the rest).")
+    logits = 3 * torch.randn(8, 6, 64)
+    targets = torch.randint(0, 64, (8, 6))
+    targets[:, 0] = tasks.IGNORE
+    targets[torch.rand(8, 6) < 0.3] = tasks.IGNORE
+    got = call_learner(fn, ex, logits.clone(), targets.clone())
+    compare_tensors(got, train.loss_fn(logits, targets), ex, hint, what="loss")
+    passed(ex)
+
+
+def check_train_step(fn: Callable) -> None:
+    from utils import models, tasks, train
+
+    ex = "Exercise 1.5 (train_step)"
+    seed = int(torch.randint(0, 10_000, ()))
+    mine, theirs = models.build_model("max_of_list", seed=seed), models.build_model("max_of_list", seed=seed)
+    opt_mine = torch.optim.AdamW([p for p in mine.parameters() if p.requires_grad], lr=1e-2)
+    opt_theirs = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(3):
+        tokens, targets = tasks.max_of_list_batch(32)
+        expected_loss = train.train_step(mine, opt_mine, tokens, targets)
+        got = call_learner(fn, ex, theirs, opt_theirs, tokens, targets)
+        if isinstance(got, Tensor):
+            raise CheckFailed(f"{ex}: expected the loss as a Python float, got a Tensor. Hint: return loss.item().")
+        if not isinstance(got, float):
+            raise CheckFailed(f"{ex}: expected the loss as a Python float, got {type(got).__name__}. Hint: return loss.item().")
+        if abs(got - expected_loss) > 1e-4:
+            raise CheckFailed(f"{ex}: at step {step + 1} expected loss {expected_loss:.5f}, got {got:.5f}. Hint: "
+                              f"compute the loss of model(tokens) with loss_fn before stepping, and call "
+                              f"optimizer.zero_grad() every step so gradients do not pile up.")
+        for (name, p), q in zip(mine.named_parameters(), theirs.parameters()):
+            if not torch.allclose(p, q, atol=1e-5):
+                raise CheckFailed(f"{ex}: after step {step + 1} the weights differ from the reference ({name}). "
+                                  f"Hint: the order is loss, optimizer.zero_grad(), loss.backward(), optimizer.step().")
+    passed(ex)

@@ -29,9 +29,9 @@ CONFIGS: dict[str, dict] = {
     "max_of_list": dict(d_model=32, d_head=32, n_layers=1, n_ctx=6, d_vocab=tasks.MAX_OF_LIST_VOCAB,
                         attn_only=True, **_TOY),
     "addition": dict(d_model=128, d_head=128, n_layers=1, n_ctx=2, d_vocab=tasks.ADDITION_MAX + 1,
-                     d_mlp=128, act_fn="relu", **_TOY),
+                     d_mlp=128, act_fn="relu", init_mode="xavier_normal", **_TOY),
     "fibonacci": dict(d_model=128, d_head=128, n_layers=1, n_ctx=tasks.FIBONACCI_LENGTH,
-                      d_vocab=tasks.ADDITION_MAX + 1, d_mlp=128, act_fn="relu", **_TOY),
+                      d_vocab=tasks.ADDITION_MAX + 1, d_mlp=128, act_fn="relu", init_mode="xavier_normal", **_TOY),
 }
 
 # accuracy targets from COURSE.md
@@ -191,4 +191,57 @@ def load_model(name: str, models_dir: Path | str = MODELS_DIR) -> TransformerBri
         first_line = str(err).strip().splitlines()[0]
         raise CheckpointError(f"checkpoint {path} does not match its config in {path.with_suffix('.json')} "
                               f"({first_line}). {fix}") from None
+    return model.eval()
+
+
+# --------------------------------------------------------------------- basis changes
+# nn.Linear stores weights as [out, in]. These state-dict entries read from the residual
+# stream (d_model is their last axis) or write to it (d_model is their first axis).
+_READS = ("embed.weight", "pos_embed.weight", "unembed.weight", "attn.q.weight", "attn.k.weight",
+          "attn.v.weight", "mlp.in.weight")
+_WRITES = ("attn.o.weight", "mlp.out.weight")
+_WRITE_BIASES = ("attn.o.bias", "mlp.out.bias")
+
+
+def rotate_residual_stream(state: dict[str, Tensor], R: Tensor) -> dict[str, Tensor]:
+    """The state dict of the same model with its residual stream expressed in the basis x -> x @ R.
+
+    R: orthogonal [d_model, d_model]. Embeddings and every matrix that reads the stream
+    become W @ R; matrices that write to it become R.T @ W; their biases b @ R. The
+    rotated model computes exactly the same logits.
+    """
+    rotated = {}
+    for key, w in state.items():
+        if key.endswith(_READS):
+            rotated[key] = w @ R
+        elif key.endswith(_WRITES):
+            rotated[key] = R.T @ w
+        elif key.endswith(_WRITE_BIASES):
+            rotated[key] = w @ R
+        else:
+            rotated[key] = w.clone()
+    return rotated
+
+
+def rotate_neurons(state: dict[str, Tensor], R: Tensor) -> dict[str, Tensor]:
+    """The state dict with every MLP's neurons mixed by R [d_mlp, d_mlp] (pre-activations x -> x @ R).
+
+    Without the ReLU this would change nothing; with it, the logits change: the neuron
+    basis is privileged.
+    """
+    rotated = {key: w.clone() for key, w in state.items()}
+    for key, w in state.items():
+        if key.endswith("mlp.in.weight"):
+            rotated[key] = R.T @ w
+        elif key.endswith("mlp.in.bias"):
+            rotated[key] = w @ R
+        elif key.endswith("mlp.out.weight"):
+            rotated[key] = w @ R
+    return rotated
+
+
+def model_from_state(config: dict, state: dict[str, Tensor]) -> TransformerBridge:
+    """A model built from TransformerBridgeConfig keyword arguments and a state dict (eval mode)."""
+    model = TransformerBridge.boot_native(TransformerBridgeConfig(**config))
+    model.load_state_dict(state)
     return model.eval()

@@ -1,0 +1,106 @@
+"""Plotly figures for the course: one call per figure, axes in the learner's terms."""
+
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import plotly.express as px
+import plotly.graph_objects as go
+import torch
+from torch import Tensor
+
+_LAYOUT = dict(template="plotly_white", margin=dict(l=60, r=20, t=60, b=50))
+
+
+def _np(x: Tensor | Sequence) -> object:
+    return x.detach().cpu().numpy() if isinstance(x, Tensor) else x
+
+
+def attention_pattern(pattern: Tensor, tokens: Sequence[int], title: str = "Attention pattern") -> go.Figure:
+    """Heatmap of one head's pattern [query_pos, key_pos] with each axis labelled 'position: token'."""
+    labels = [f"{i}: {int(t)}" for i, t in enumerate(tokens)]
+    fig = px.imshow(_np(pattern), x=labels, y=labels, zmin=0, zmax=1, color_continuous_scale="Blues",
+                    labels=dict(x="key (position: token)", y="query (position: token)", color="attention"),
+                    text_auto=".2f", title=title)
+    fig.update_xaxes(side="top", type="category")
+    fig.update_yaxes(type="category")
+    return fig.update_layout(**_LAYOUT, width=520, height=480)
+
+
+def loss_curve(losses: Sequence[float], title: str = "Training loss") -> go.Figure:
+    """Training loss against step on a log scale."""
+    fig = go.Figure(go.Scatter(y=list(losses), mode="lines", name="loss"))
+    fig.update_layout(**_LAYOUT, title=title, xaxis_title="training step", yaxis_title="cross-entropy loss (nats)",
+                      yaxis_type="log", width=640, height=360)
+    return fig
+
+
+class LiveLoss:
+    """A loss curve that redraws in place while a model trains.
+
+    Pass ``live.update`` as ``on_step`` to ``utils.train.train``; it redraws at most every
+    `every` seconds, and ``live.close()`` draws the final curve.
+    """
+
+    def __init__(self, title: str = "Training loss (live)", every: float = 1.0) -> None:
+        from IPython.display import display
+
+        self.title, self.every, self.losses = title, every, []
+        self._last = 0.0
+        self._handle = display(loss_curve([], title), display_id=True)
+
+    def update(self, step: int, loss: float) -> None:
+        self.losses.append(loss)
+        if time.perf_counter() - self._last >= self.every:
+            self._redraw()
+
+    def _redraw(self) -> None:
+        self._last = time.perf_counter()
+        if self._handle is not None:
+            self._handle.update(loss_curve(self.losses, self.title))
+
+    def close(self) -> None:
+        self._redraw()
+
+
+def accuracy_by_length(accuracies: dict[int, float], title: str = "Accuracy by list length") -> go.Figure:
+    """Bar chart of accuracy (per cent) against list length."""
+    lengths = list(accuracies)
+    values = [100 * accuracies[n] for n in lengths]
+    fig = go.Figure(go.Bar(x=[str(n) for n in lengths], y=values, text=[f"{v:.2f} %" for v in values],
+                           textposition="outside"))
+    fig.update_layout(**_LAYOUT, title=title, xaxis_title="list length", yaxis_title="accuracy (%)",
+                      yaxis_range=[min(values + [90]) - 2, 101.5], width=560, height=360)
+    return fig
+
+
+def addition_grid(correct: Tensor, max_sum: int = 127, title: str = "Which sums the model gets right") -> go.Figure:
+    """Map over (a, b): 1 = correct, 0 = wrong, blank where a + b > max_sum. `correct` is [n_pairs] in addition_pairs order."""
+    grid = torch.full((max_sum + 1, max_sum + 1), float("nan"))
+    a, b = torch.meshgrid(torch.arange(max_sum + 1), torch.arange(max_sum + 1), indexing="ij")
+    keep = (a + b) <= max_sum
+    grid[keep] = correct.float()
+    fig = px.imshow(_np(grid), origin="lower", zmin=0, zmax=1, color_continuous_scale=[[0, "#d62728"], [1, "#2ca02c"]],
+                    labels=dict(x="b (second token)", y="a (first token)", color="correct"), title=title)
+    return fig.update_layout(**_LAYOUT, width=520, height=480)
+
+
+def heatmap(values: Tensor, x_label: str, y_label: str, title: str, color_label: str = "value",
+            x: Sequence | None = None, y: Sequence | None = None, symmetric: bool = True) -> go.Figure:
+    """A general heatmap [rows = y, columns = x]; diverging colours centred on zero when `symmetric`."""
+    v = _np(values)
+    kwargs = dict(color_continuous_scale="RdBu", color_continuous_midpoint=0.0) if symmetric else {}
+    fig = px.imshow(v, x=x, y=y, labels=dict(x=x_label, y=y_label, color=color_label), title=title,
+                    aspect="auto", **kwargs)
+    return fig.update_layout(**_LAYOUT, width=600, height=520)
+
+
+def bars(values: dict[str, float], x_label: str, y_label: str, title: str, log_y: bool = False) -> go.Figure:
+    """Bar chart of named values."""
+    fig = go.Figure(go.Bar(x=list(values), y=list(values.values()),
+                           text=[f"{v:.3g}" for v in values.values()], textposition="outside"))
+    fig.update_layout(**_LAYOUT, title=title, xaxis_title=x_label, yaxis_title=y_label, width=600, height=380)
+    if log_y:
+        fig.update_yaxes(type="log")
+    return fig
