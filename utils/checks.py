@@ -7,6 +7,7 @@ message only, never as a traceback.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
@@ -24,7 +25,7 @@ def passed(exercise: str) -> None:
     print(f"✓ {exercise}: all checks passed.")
 
 
-def call_learner(fn: Callable, exercise: str, *args: Any, **kwargs: Any) -> Any:
+def call_learner(fn: Callable, exercise: str, *args: Any, hint: str = "", **kwargs: Any) -> Any:
     """Call the learner's function, turning 'not implemented' and crashes into CheckFailed."""
     try:
         return fn(*args, **kwargs)
@@ -34,7 +35,9 @@ def call_learner(fn: Callable, exercise: str, *args: Any, **kwargs: Any) -> Any:
     except CheckFailed:
         raise
     except Exception as err:  # the learner's code crashed: say where, briefly
-        raise CheckFailed(f"{exercise}: your function raised {type(err).__name__}: {err}") from None
+        first_line = (str(err).strip().splitlines() or [""])[0]
+        raise CheckFailed(f"{exercise}: your function raised {type(err).__name__}: {first_line}"
+                          + (f" Hint: {hint}" if hint else "")) from None
 
 
 def compare_tensors(got: Any, expected: Tensor, exercise: str, hint: str, atol: float = 1e-5, rtol: float = 1e-4,
@@ -86,7 +89,7 @@ def check_residual_from_components(fn: Callable) -> None:
     for name, model in _random_models():
         tokens = torch.randint(0, model.cfg.d_vocab, (4, model.cfg.n_ctx))
         _, cache = model.run_with_cache(tokens)
-        got = call_learner(fn, ex, model, cache)
+        got = call_learner(fn, ex, model, cache, hint=hint)
         compare_tensors(got, circuits.residual_from_components(model, cache), f"{ex} on the {name} model", hint, atol=1e-4)
     passed(ex)
 
@@ -99,7 +102,7 @@ def check_attention_pattern(fn: Callable) -> None:
             "to -inf, then softmax over the key axis (the last one).")
     for batch, pos, heads, d_head in [(3, 6, 1, 32), (2, 5, 3, 8)]:
         q, k = torch.randn(batch, pos, heads, d_head), torch.randn(batch, pos, heads, d_head)
-        got = call_learner(fn, ex, q, k)
+        got = call_learner(fn, ex, q, k, hint=hint)
         compare_tensors(got, circuits.attention_pattern(q, k), ex, hint, atol=1e-5)
     passed(ex)
 
@@ -111,7 +114,8 @@ def check_rotate_residual_stream(fn: Callable) -> None:
     for name, model in _random_models():
         state = {k: v.clone() for k, v in model.state_dict().items()}
         R = torch.linalg.qr(torch.randn(model.cfg.d_model, model.cfg.d_model))[0]
-        got = call_learner(fn, ex, {k: v.clone() for k, v in state.items()}, R)
+        got = call_learner(fn, ex, {k: v.clone() for k, v in state.items()}, R,
+                           hint="loop over state.items() and build a new dict; use W @ R, R.T @ W or b @ R.")
         if not isinstance(got, dict) or set(got) != set(state):
             got_keys = sorted(got) if isinstance(got, dict) else type(got).__name__
             raise CheckFailed(f"{ex}: expected a dict with the same keys as the state dict ({len(state)} keys), "
@@ -139,7 +143,7 @@ def check_max_of_list_targets(fn: Callable) -> None:
             "and position 0 has no target: set it to IGNORE (-1).")
     for length in (2, 4, 6):
         tokens = torch.randint(0, tasks.MAX_OF_LIST_VOCAB, (16, length))
-        got = call_learner(fn, ex, tokens.clone())
+        got = call_learner(fn, ex, tokens.clone(), hint=hint)
         compare_tensors(got, tasks.max_of_list_targets(tokens), ex, hint)
     passed(ex)
 
@@ -151,7 +155,7 @@ def check_addition_pairs(fn: Callable) -> None:
     hint = ("include every pair with a + b <= max_sum (0 included, the bound too), ordered by a then b; targets "
             "are IGNORE (-1) at position 0 and a + b at position 1.")
     for max_sum in (int(torch.randint(3, 12, ())), tasks.ADDITION_MAX):
-        got = call_learner(fn, ex, max_sum)
+        got = call_learner(fn, ex, max_sum, hint=hint)
         if not (isinstance(got, tuple) and len(got) == 2):
             raise CheckFailed(f"{ex}: expected a pair (tokens, targets), got {type(got).__name__}. Hint: return tokens, targets")
         tokens, targets = tasks.addition_pairs(max_sum)
@@ -168,8 +172,9 @@ def check_fibonacci_targets(fn: Callable) -> None:
             "which does not appear in the input. Positions whose target exceeds max_value, and position 0, get IGNORE.")
     for max_value in (127, int(torch.randint(20, 60, ()))):
         tokens = tasks.fibonacci_sequences(5, max_value)[0]
-        tokens = tokens[torch.randperm(len(tokens))[:64]]
-        got = call_learner(fn, ex, tokens.clone(), max_value)
+        edge = (tasks.fibonacci_targets(tokens, max_value + 100) == max_value).any(-1)  # a target equal to the bound
+        tokens = torch.cat([tokens[edge][:4], tokens[torch.randperm(len(tokens))[:60]]])
+        got = call_learner(fn, ex, tokens.clone(), max_value, hint=hint)
         compare_tensors(got, tasks.fibonacci_targets(tokens, max_value), f"{ex} with max_value={max_value}", hint)
     passed(ex)
 
@@ -184,7 +189,7 @@ def check_loss_fn(fn: Callable) -> None:
     targets = torch.randint(0, 64, (8, 6))
     targets[:, 0] = tasks.IGNORE
     targets[torch.rand(8, 6) < 0.3] = tasks.IGNORE
-    got = call_learner(fn, ex, logits.clone(), targets.clone())
+    got = call_learner(fn, ex, logits.clone(), targets.clone(), hint=hint)
     compare_tensors(got, train.loss_fn(logits, targets), ex, hint, what="loss")
     passed(ex)
 
@@ -200,16 +205,17 @@ def check_train_step(fn: Callable) -> None:
     for step in range(3):
         tokens, targets = tasks.max_of_list_batch(32)
         expected_loss = train.train_step(mine, opt_mine, tokens, targets)
-        got = call_learner(fn, ex, theirs, opt_theirs, tokens, targets)
+        got = call_learner(fn, ex, theirs, opt_theirs, tokens, targets,
+                           hint="loss_fn(model(tokens), targets), optimizer.zero_grad(), loss.backward(), optimizer.step().")
         if isinstance(got, Tensor):
             raise CheckFailed(f"{ex}: expected the loss as a Python float, got a Tensor. Hint: return loss.item().")
         if not isinstance(got, float):
             raise CheckFailed(f"{ex}: expected the loss as a Python float, got {type(got).__name__}. Hint: return loss.item().")
-        if abs(got - expected_loss) > 1e-4:
+        if not math.isfinite(got) or abs(got - expected_loss) > 1e-4:
             raise CheckFailed(f"{ex}: at step {step + 1} expected loss {expected_loss:.5f}, got {got:.5f}. Hint: "
                               f"compute the loss of model(tokens) with loss_fn before stepping, and call "
                               f"optimizer.zero_grad() every step so gradients do not pile up.")
-        for (name, p), q in zip(mine.named_parameters(), theirs.parameters()):
+        for (name, p), q in zip(mine.state_dict().items(), theirs.state_dict().values()):
             if not torch.allclose(p, q, atol=1e-5):
                 raise CheckFailed(f"{ex}: after step {step + 1} the weights differ from the reference ({name}). "
                                   f"Hint: the order is loss, optimizer.zero_grad(), loss.backward(), optimizer.step().")

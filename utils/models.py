@@ -161,7 +161,7 @@ def read_checkpoint_meta(name: str, models_dir: Path | str = MODELS_DIR) -> dict
     try:
         meta = json.loads(path.read_text())
         meta["config"], meta["training"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+    except (ValueError, KeyError, TypeError) as err:  # ValueError covers JSON and Unicode errors
         raise CheckpointError(f"checkpoint metadata {path} is not valid ({err}). {fix}") from None
     return meta
 
@@ -187,7 +187,7 @@ def load_model(name: str, models_dir: Path | str = MODELS_DIR) -> TransformerBri
     try:
         model = TransformerBridge.boot_native(TransformerBridgeConfig(**meta["config"]))
         model.load_state_dict(state)
-    except (RuntimeError, TypeError, ValueError) as err:
+    except (RuntimeError, TypeError, ValueError, ZeroDivisionError) as err:
         first_line = str(err).strip().splitlines()[0]
         raise CheckpointError(f"checkpoint {path} does not match its config in {path.with_suffix('.json')} "
                               f"({first_line}). {fix}") from None

@@ -1,0 +1,109 @@
+"""The shipped checkpoints in data/models/ exist, restore exactly, match their recipe and meet their targets.
+
+A missing checkpoint is a failure, not a skip: the notebooks cannot run without it.
+Rebuild one with ``python -m utils.train <name>``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import numbers
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformer_lens import TransformerBridge, TransformerBridgeConfig
+
+from utils import models, tasks, train
+
+MODELS_DIR = Path(models.MODELS_DIR)
+NAMES = ["bigram", "max_of_list", "addition", "fibonacci"]
+
+
+def _path(name: str, suffix: str) -> Path:
+    return MODELS_DIR / f"{name}.{suffix}"
+
+
+def _meta(name: str) -> dict:
+    path = _path(name, "json")
+    if not path.exists():
+        pytest.fail(f"{path} is missing; rebuild it with: python -m utils.train {name}")
+    return json.loads(path.read_text())
+
+
+def _restore(name: str) -> TransformerBridge:
+    """The documented way to restore a checkpoint, with a strict state-dict load."""
+    weights = _path(name, "safetensors")
+    if not weights.exists():
+        pytest.fail(f"{weights} is missing; rebuild it with: python -m utils.train {name}")
+    model = TransformerBridge.boot_native(TransformerBridgeConfig(**_meta(name)["config"]))
+    model.load_state_dict(load_file(str(weights)), strict=True)
+    return model.eval()
+
+
+def test_names_cover_every_model():
+    assert set(NAMES) == set(models.CONFIGS) == set(train.RECIPES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_files_exist(name):
+    for suffix in ("safetensors", "json"):
+        path = _path(name, suffix)
+        assert path.is_file() and path.stat().st_size > 0, \
+            f"{path} is missing or empty; rebuild it with: python -m utils.train {name}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_metadata(name):
+    meta = _meta(name)
+    assert set(meta) >= {"config", "training"}
+    config, training = meta["config"], meta["training"]
+    assert set(training) >= {"seed", "seconds", "versions"}
+    assert isinstance(training["seed"], int) and config["seed"] == training["seed"]
+    assert isinstance(training["seconds"], numbers.Real) and training["seconds"] > 0
+    versions = training["versions"]
+    assert set(versions) >= {"python", "torch", "transformer_lens"}
+    assert all(isinstance(v, str) and v and v != "unknown" for v in versions.values()), versions
+    # the checkpoint was trained with today's config and recipe: otherwise rebuild it
+    assert config == dict(models.CONFIGS[name], seed=training["seed"]), \
+        f"config differs from utils.models.CONFIGS[{name!r}]; rebuild with: python -m utils.train {name}"
+    if "recipe" in training:
+        assert training["recipe"] == dataclasses.asdict(train.RECIPES[name]), \
+            f"recipe differs from utils.train.RECIPES[{name!r}]; rebuild with: python -m utils.train {name}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_restores_exactly(name):
+    model = _restore(name)
+    state = model.state_dict()
+    for key, value in state.items():
+        assert torch.isfinite(value).all(), key
+        if key.endswith("bias"):
+            assert (value == 0).all(), f"{key} should be frozen at zero"
+    if name == "bigram":
+        assert (state["pos_embed.weight"] == 0).all()
+    # load_model gives the same model
+    cfg = models.CONFIGS[name]
+    tokens = torch.randint(0, cfg["d_vocab"], (32, cfg["n_ctx"]), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(models.load_model(name, MODELS_DIR)(tokens), model(tokens))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_meets_target(name):
+    model = _restore(name)
+    report = models.evaluate(model, name)
+    if name == "max_of_list":
+        assert set(report["accuracy_by_length"]) == set(tasks.MAX_OF_LIST_LENGTHS)
+        low = {n: acc for n, acc in report["accuracy_by_length"].items() if acc < models.MAX_OF_LIST_TARGET}
+        assert not low, f"accuracy below {models.MAX_OF_LIST_TARGET:.1%} at lengths {low}"
+    elif name == "bigram":
+        assert report["kl"] <= models.BIGRAM_KL_TARGET, report
+    else:
+        assert report["accuracy"] == 1.0, report
+    assert models.meets_target(name, report)
+    training = _meta(name)["training"]
+    if "meets_target" in training:
+        assert training["meets_target"] is True

@@ -1,0 +1,509 @@
+"""Every exercise checker accepts the reference solution and rejects typical learner mistakes.
+
+A rejection is always a ``CheckFailed`` with one short paragraph for the learner: the
+exercise label, what went wrong and a hint. Never a raw exception or a traceback.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from utils import checks, circuits, models, tasks, train
+from utils.checks import CheckFailed
+
+IGNORE = tasks.IGNORE
+NAN = float("nan")
+
+# check name -> (checker, reference implementation, exercise label)
+CHECKS = {
+    "residual_from_components": (checks.check_residual_from_components, circuits.residual_from_components, "Exercise 0.1"),
+    "attention_pattern": (checks.check_attention_pattern, circuits.attention_pattern, "Exercise 0.2"),
+    "rotate_residual_stream": (checks.check_rotate_residual_stream, models.rotate_residual_stream, "Exercise 0.3"),
+    "max_of_list_targets": (checks.check_max_of_list_targets, tasks.max_of_list_targets, "Exercise 1.1"),
+    "addition_pairs": (checks.check_addition_pairs, tasks.addition_pairs, "Exercise 1.2"),
+    "fibonacci_targets": (checks.check_fibonacci_targets, tasks.fibonacci_targets, "Exercise 1.3"),
+    "loss_fn": (checks.check_loss_fn, train.loss_fn, "Exercise 1.4"),
+    "train_step": (checks.check_train_step, train.train_step, "Exercise 1.5"),
+}
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    """The checkers draw fresh random inputs; fix the seed so every run tests the same inputs."""
+    torch.manual_seed(0)
+
+
+def test_every_checker_is_covered():
+    defined = {name[len("check_"):] for name in dir(checks) if name.startswith("check_")}
+    assert defined == set(CHECKS)
+
+
+def _fails(check_name: str, fn) -> str:
+    """Run the checker on `fn`; return the CheckFailed message after the common format checks."""
+    check, _, label = CHECKS[check_name]
+    with pytest.raises(CheckFailed) as excinfo:
+        check(fn)
+    message = str(excinfo.value)
+    assert label in message, message
+    assert "\n" not in message, f"not a single paragraph: {message!r}"
+    assert len(message) < 700, f"too long ({len(message)} chars): {message}"
+    err = excinfo.value
+    assert err.__cause__ is None and (err.__context__ is None or err.__suppress_context__), "chained traceback"
+    return message
+
+
+# ------------------------------------------------------------------ (a) the reference passes
+@pytest.mark.parametrize("check_name", list(CHECKS))
+def test_reference_passes(check_name, capsys):
+    check, reference, label = CHECKS[check_name]
+    check(reference)
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("✓") and label in out[0], out
+
+
+# ------------------------------------------------------------------ (b) typical mistakes
+# Exercise 0.1: residual_from_components(model, cache)
+def _layers_sum(model, cache, mlp: bool = True):
+    total = 0
+    for layer in range(model.cfg.n_layers):
+        total = total + cache["attn_out", layer]
+        if mlp and not model.cfg.attn_only:
+            total = total + cache["mlp_out", layer]
+    return total
+
+
+def resid_no_pos_embed(model, cache):
+    return cache["hook_embed"] + _layers_sum(model, cache)
+
+
+def resid_no_mlp_out(model, cache):
+    return cache["hook_embed"] + cache["hook_pos_embed"] + _layers_sum(model, cache, mlp=False)
+
+
+def resid_uses_resid_pre(model, cache):
+    return cache["resid_pre", model.cfg.n_layers - 1]
+
+
+def resid_mlp_even_if_attn_only(model, cache):
+    return cache["hook_embed"] + cache["hook_pos_embed"] + sum(
+        cache["attn_out", layer] + cache["mlp_out", layer] for layer in range(model.cfg.n_layers))
+
+
+# Exercise 0.2: attention_pattern(q, k)
+def _pattern(q, k, scale=True, mask=True, dim=-1):
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k)
+    if scale:
+        scores = scores / math.sqrt(q.shape[-1])
+    if mask:
+        n = q.shape[1]
+        scores = scores.masked_fill(torch.triu(torch.ones(n, n, dtype=torch.bool), 1), float("-inf"))
+    return scores.softmax(dim=dim)
+
+
+def pattern_no_scale(q, k):
+    return _pattern(q, k, scale=False)
+
+
+def pattern_no_mask(q, k):
+    return _pattern(q, k, mask=False)
+
+
+def pattern_softmax_over_queries(q, k):
+    return _pattern(q, k, dim=-2)
+
+
+def pattern_transposed(q, k):
+    return _pattern(q, k).transpose(-1, -2)
+
+
+def pattern_heads_last(q, k):
+    return _pattern(q, k).permute(0, 2, 3, 1)  # [batch, query, key, head]
+
+
+def pattern_mask_includes_diagonal_wrongly(q, k):
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
+    n = q.shape[1]
+    return scores.masked_fill(torch.tril(torch.ones(n, n, dtype=torch.bool), -1), float("-inf")).softmax(-1)
+
+
+# Exercise 0.3: rotate_residual_stream(state, R)
+def _rotate(state, R, writes=lambda w, R: R.T @ w, skip=()):
+    out = {}
+    for key, w in state.items():
+        if key in skip or any(key.endswith(s) for s in skip):
+            out[key] = w.clone()
+        elif key.endswith(("attn.o.weight", "mlp.out.weight")):
+            out[key] = writes(w, R)
+        elif key.endswith(("attn.o.bias", "mlp.out.bias")):
+            out[key] = w @ R
+        elif key.endswith(("embed.weight", "unembed.weight", "q.weight", "k.weight", "v.weight", "mlp.in.weight")):
+            out[key] = w @ R
+        else:
+            out[key] = w.clone()
+    return out
+
+
+def rotate_R_not_RT_on_writers(state, R):
+    return _rotate(state, R, writes=lambda w, R: R @ w)
+
+
+def rotate_writers_on_wrong_side(state, R):
+    return _rotate(state, R, writes=lambda w, R: w @ R)
+
+
+def rotate_forgets_pos_embed(state, R):
+    return _rotate(state, R, skip=("pos_embed.weight",))
+
+
+def rotate_forgets_biases(state, R):
+    return _rotate(state, R, skip=("attn.o.bias", "mlp.out.bias"))
+
+
+def rotate_forgets_unembed(state, R):
+    return _rotate(state, R, skip=("unembed.weight",))
+
+
+def rotate_returns_list(state, R):
+    return list(_rotate(state, R).values())
+
+
+def rotate_drops_untouched_keys(state, R):
+    return {k: v for k, v in _rotate(state, R).items() if not k.endswith(("q.bias", "k.bias", "v.bias"))}
+
+
+# Exercise 1.1: max_of_list_targets(tokens)
+def max_global(tokens):
+    targets = tokens.max(-1, keepdim=True).values.expand_as(tokens).clone()
+    targets[..., 0] = IGNORE
+    return targets
+
+
+def max_no_ignore(tokens):
+    return tokens.cummax(-1).values
+
+
+def max_shifted(tokens):
+    targets = torch.full_like(tokens, IGNORE)
+    targets[..., 1:] = tokens.cummax(-1).values[..., :-1]
+    return targets
+
+
+def max_returns_list(tokens):
+    return tasks.max_of_list_targets(tokens).tolist()
+
+
+def max_float(tokens):
+    return tasks.max_of_list_targets(tokens).float()
+
+
+# Exercise 1.2: addition_pairs(max_sum)
+def _pairs(max_sum, keep=lambda a, b, m: a + b <= m, target_pos=1, swap=False):
+    a, b = torch.meshgrid(torch.arange(max_sum + 1), torch.arange(max_sum + 1), indexing="ij")
+    k = keep(a, b, max_sum)
+    tokens = torch.stack([b[k], a[k]] if swap else [a[k], b[k]], dim=-1)
+    targets = torch.full_like(tokens, IGNORE)
+    targets[:, target_pos] = tokens.sum(-1)
+    return tokens, targets
+
+
+def pairs_strict_bound(max_sum):
+    return _pairs(max_sum, keep=lambda a, b, m: a + b < m)
+
+
+def pairs_target_at_position_0(max_sum):
+    return _pairs(max_sum, target_pos=0)
+
+
+def pairs_wrong_order(max_sum):
+    return _pairs(max_sum, swap=True)
+
+
+def pairs_tokens_only(max_sum):
+    return _pairs(max_sum)[0]
+
+
+def pairs_zero_not_ignore(max_sum):
+    tokens, targets = _pairs(max_sum)
+    targets[:, 0] = 0
+    return tokens, targets
+
+
+# Exercise 1.3: fibonacci_targets(tokens, max_value)
+def fib_forgets_last(tokens, max_value):
+    targets = torch.full_like(tokens, IGNORE)
+    nxt = tokens[..., 1:]
+    targets[..., :-1] = torch.where(nxt <= max_value, nxt, IGNORE)
+    targets[..., 0] = IGNORE
+    return targets
+
+
+def fib_no_max_value(tokens, max_value):
+    targets = torch.empty_like(tokens)
+    targets[..., :-1] = tokens[..., 1:]
+    targets[..., -1] = tokens[..., -1] + tokens[..., -2]
+    targets[..., 0] = IGNORE
+    return targets
+
+
+def fib_forgets_position_0(tokens, max_value):
+    targets = tasks.fibonacci_targets(tokens, max_value)
+    targets[..., 0] = tokens[..., 1]
+    return targets
+
+
+def fib_greater_or_equal(tokens, max_value):
+    targets = tasks.fibonacci_targets(tokens, max_value)
+    return torch.where(targets == max_value, IGNORE, targets)
+
+
+# Exercise 1.4: loss_fn(logits, targets)
+def loss_no_ignore_index(logits, targets):
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def loss_sum(logits, targets):
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+
+
+def loss_softmax_first(logits, targets):
+    return F.cross_entropy(logits.softmax(-1).flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+
+
+def loss_counts_ignored(logits, targets):
+    per_pos = F.cross_entropy(logits.flatten(0, 1), targets.flatten().clamp(min=0), reduction="none")
+    return per_pos.mean()
+
+
+def loss_mean_over_all_positions(logits, targets):
+    per_pos = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="none")
+    return per_pos.mean()
+
+
+# Exercise 1.5: train_step(model, optimizer, tokens, targets)
+def step_no_zero_grad(model, optimizer, tokens, targets):
+    loss = train.loss_fn(model(tokens), targets)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+def step_no_optimizer_step(model, optimizer, tokens, targets):
+    optimizer.zero_grad()
+    loss = train.loss_fn(model(tokens), targets)
+    loss.backward()
+    return loss.item()
+
+
+def step_returns_tensor(model, optimizer, tokens, targets):
+    optimizer.zero_grad()
+    loss = train.loss_fn(model(tokens), targets)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
+def step_zero_grad_after_backward(model, optimizer, tokens, targets):
+    loss = train.loss_fn(model(tokens), targets)
+    loss.backward()
+    optimizer.zero_grad()
+    optimizer.step()
+    return loss.item()
+
+
+def step_loss_after_update(model, optimizer, tokens, targets):
+    optimizer.zero_grad()
+    train.loss_fn(model(tokens), targets).backward()
+    optimizer.step()
+    with torch.no_grad():
+        return train.loss_fn(model(tokens), targets).item()
+
+
+MISTAKES = [
+    ("residual_from_components", resid_no_pos_embed),
+    ("residual_from_components", resid_no_mlp_out),
+    ("residual_from_components", resid_uses_resid_pre),
+    ("attention_pattern", pattern_no_scale),
+    ("attention_pattern", pattern_no_mask),
+    ("attention_pattern", pattern_softmax_over_queries),
+    ("attention_pattern", pattern_transposed),
+    ("attention_pattern", pattern_heads_last),
+    ("attention_pattern", pattern_mask_includes_diagonal_wrongly),
+    ("rotate_residual_stream", rotate_R_not_RT_on_writers),
+    ("rotate_residual_stream", rotate_writers_on_wrong_side),
+    ("rotate_residual_stream", rotate_forgets_pos_embed),
+    ("rotate_residual_stream", rotate_forgets_biases),
+    ("rotate_residual_stream", rotate_forgets_unembed),
+    ("rotate_residual_stream", rotate_returns_list),
+    ("rotate_residual_stream", rotate_drops_untouched_keys),
+    ("max_of_list_targets", max_global),
+    ("max_of_list_targets", max_no_ignore),
+    ("max_of_list_targets", max_shifted),
+    ("max_of_list_targets", max_returns_list),
+    ("max_of_list_targets", max_float),
+    ("addition_pairs", pairs_strict_bound),
+    ("addition_pairs", pairs_target_at_position_0),
+    ("addition_pairs", pairs_wrong_order),
+    ("addition_pairs", pairs_tokens_only),
+    ("addition_pairs", pairs_zero_not_ignore),
+    ("fibonacci_targets", fib_forgets_last),
+    ("fibonacci_targets", fib_no_max_value),
+    ("fibonacci_targets", fib_forgets_position_0),
+    ("fibonacci_targets", fib_greater_or_equal),
+    ("loss_fn", loss_sum),
+    ("loss_fn", loss_softmax_first),
+    ("loss_fn", loss_counts_ignored),
+    ("loss_fn", loss_mean_over_all_positions),
+    ("train_step", step_no_zero_grad),
+    ("train_step", step_no_optimizer_step),
+    ("train_step", step_returns_tensor),
+    ("train_step", step_zero_grad_after_backward),
+    ("train_step", step_loss_after_update),
+]
+
+
+def test_every_checker_has_three_mistakes():
+    for check_name in CHECKS:
+        assert sum(c == check_name for c, _ in MISTAKES) >= 3, check_name
+
+
+@pytest.mark.parametrize("check_name, mistake", [pytest.param(c, m, id=m.__name__) for c, m in MISTAKES])
+def test_mistake_rejected_with_hint(check_name, mistake):
+    message = _fails(check_name, mistake)
+    assert "Hint" in message, message
+
+
+def test_residual_mistake_specific_to_mlp_models_is_caught():
+    """Adding mlp_out even for attention-only models is a crash (no such hook), reported as a CheckFailed."""
+    _fails("residual_from_components", resid_mlp_even_if_attn_only)
+
+
+def test_loss_without_ignore_index_is_rejected():
+    """Without ignore_index, F.cross_entropy crashes on the -1 targets: reported as CheckFailed naming the error."""
+    message = _fails("loss_fn", loss_no_ignore_index)
+    assert "IndexError" in message or "RuntimeError" in message, message
+
+
+def test_loss_without_ignore_index_gets_a_hint():
+    message = _fails("loss_fn", loss_no_ignore_index)
+    assert "Hint" in message and "ignore_index" in message, message
+
+
+def test_mistake_messages_are_specific():
+    """The messages point at the actual problem, not just 'wrong'."""
+    assert "got list" in _fails("max_of_list_targets", max_returns_list)
+    assert "dtype" in _fails("max_of_list_targets", max_float)
+    assert "got a Tensor" in _fails("train_step", step_returns_tensor)
+    assert "pos_embed.weight" in _fails("rotate_residual_stream", rotate_forgets_pos_embed)
+    assert "attn.o.weight" in _fails("rotate_residual_stream", rotate_R_not_RT_on_writers)
+    assert "shape" in _fails("attention_pattern", pattern_heads_last)
+    assert "targets" in _fails("addition_pairs", pairs_target_at_position_0)
+    assert "expected a pair" in _fails("addition_pairs", pairs_tokens_only)
+
+
+# ------------------------------------------------------------------ (c) stubs, (d) crashes
+def _raise_not_implemented(*args, **kwargs):
+    raise NotImplementedError("not implemented yet")
+
+
+def _raise_index_error(*args, **kwargs):
+    raise IndexError("index 7 is out of bounds for dimension 0 with size 6")
+
+
+@pytest.mark.parametrize("check_name", list(CHECKS))
+def test_stub_reports_not_implemented(check_name):
+    message = _fails(check_name, _raise_not_implemented)
+    assert "not implemented yet" in message, message
+
+
+@pytest.mark.parametrize("check_name", list(CHECKS))
+def test_crash_reports_exception_type(check_name):
+    message = _fails(check_name, _raise_index_error)
+    assert "IndexError" in message and "index 7 is out of bounds" in message, message
+
+
+def _raise_multiline(*args, **kwargs):
+    raise RuntimeError("Error(s) in loading state_dict:\n\tMissing key(s): 'embed.weight'\n\tUnexpected key(s): 'x'")
+
+
+def test_crash_with_multiline_message_stays_one_paragraph():
+    message = _fails("max_of_list_targets", _raise_multiline)
+    assert "RuntimeError" in message
+
+
+# ------------------------------------------------------------------ (e) NaN results
+def _nan_residual(model, cache):
+    return torch.full_like(cache["resid_post", model.cfg.n_layers - 1], NAN)
+
+
+def _nan_pattern(q, k):
+    batch, pos, heads, _ = q.shape
+    return torch.full((batch, heads, pos, pos), NAN)
+
+
+def _nan_rotation(state, R):
+    return {key: torch.full_like(w, NAN) for key, w in state.items()}
+
+
+def _nan_loss(logits, targets):
+    return torch.tensor(NAN)
+
+
+def _nan_step_without_update(model, optimizer, tokens, targets):
+    return NAN
+
+
+def _nan_step_after_correct_update(model, optimizer, tokens, targets):
+    train.train_step(model, optimizer, tokens, targets)
+    return NAN
+
+
+@pytest.mark.parametrize("check_name, fn", [
+    ("residual_from_components", _nan_residual),
+    ("attention_pattern", _nan_pattern),
+    ("rotate_residual_stream", _nan_rotation),
+    ("loss_fn", _nan_loss),
+])
+def test_nan_result_reported(check_name, fn):
+    message = _fails(check_name, fn)
+    assert "NaN" in message and "Hint" in message, message
+
+
+@pytest.mark.parametrize("check_name, fn", [
+    ("max_of_list_targets", lambda tokens: torch.full(tokens.shape, NAN)),
+    ("fibonacci_targets", lambda tokens, max_value: torch.full(tokens.shape, NAN)),
+    ("addition_pairs", lambda max_sum: tuple(torch.full(t.shape, NAN) for t in tasks.addition_pairs(max_sum))),
+])
+def test_nan_result_for_integer_targets_reported(check_name, fn):
+    """Integer targets cannot hold NaN: a float tensor full of NaN is rejected for its dtype (or its NaNs)."""
+    message = _fails(check_name, fn)
+    assert "NaN" in message or "dtype" in message, message
+
+
+def test_nan_loss_from_train_step_rejected():
+    _fails("train_step", _nan_step_without_update)
+
+
+def test_nan_loss_after_correct_update_rejected():
+    message = _fails("train_step", _nan_step_after_correct_update)
+    assert "NaN" in message or "nan" in message, message
+
+
+# ------------------------------------------------------------------ how Jupyter shows a failure
+def test_render_traceback_is_one_short_line():
+    err = CheckFailed("Exercise 1.1 (max_of_list_targets): expected a tensor. Hint: use cummax.")
+    lines = err._render_traceback_()
+    assert isinstance(lines, list) and len(lines) == 1
+    assert "Exercise 1.1 (max_of_list_targets): expected a tensor. Hint: use cummax." in lines[0]
+    assert "\n" not in lines[0] and len(lines[0]) < 200
+    assert "Traceback" not in lines[0]
+
+
+def test_render_traceback_of_a_real_failure():
+    with pytest.raises(CheckFailed) as excinfo:
+        checks.check_max_of_list_targets(max_no_ignore)
+    (line,) = excinfo.value._render_traceback_()
+    assert str(excinfo.value) in line and "\n" not in line

@@ -1,0 +1,495 @@
+"""Behaviour of the course helpers: task data, models and checkpoints, circuits, training."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformer_lens import TransformerBridge, TransformerBridgeConfig
+
+from utils import circuits, models, tasks, train
+
+IGNORE = tasks.IGNORE
+NAMES = list(models.CONFIGS)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def _with_random_biases(name: str, seed: int = 0) -> TransformerBridge:
+    """A freshly initialised model for `name` whose biases (frozen at zero by build_model) are non-zero."""
+    g = torch.Generator().manual_seed(seed + 100)
+    state = models.build_model(name, seed=seed).state_dict()
+    for key in state:
+        if key.endswith("bias") or key == "pos_embed.weight":
+            state[key] = 0.1 * torch.randn(state[key].shape, generator=g)
+    return models.model_from_state(dict(models.CONFIGS[name], seed=seed), state)
+
+
+def _tokens(name: str, batch: int = 16) -> torch.Tensor:
+    cfg = models.CONFIGS[name]
+    return torch.randint(0, cfg["d_vocab"], (batch, cfg["n_ctx"]))
+
+
+# ====================================================================== tasks
+class TestMaxOfList:
+    def test_batch_shapes_and_targets(self):
+        g = torch.Generator().manual_seed(0)
+        for length in tasks.MAX_OF_LIST_LENGTHS:
+            tokens, targets = tasks.max_of_list_batch(32, length, generator=g)
+            assert tokens.shape == targets.shape == (32, length)
+            assert tokens.dtype == targets.dtype == torch.long
+            assert 0 <= tokens.min() and tokens.max() < tasks.MAX_OF_LIST_VOCAB
+            assert (targets[:, 0] == IGNORE).all()
+            for i in range(1, length):
+                assert torch.equal(targets[:, i], tokens[:, : i + 1].max(-1).values)
+
+    def test_batch_is_reproducible_from_a_generator(self):
+        a = tasks.max_of_list_batch(8, generator=torch.Generator().manual_seed(5))
+        b = tasks.max_of_list_batch(8, generator=torch.Generator().manual_seed(5))
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+    def test_targets_do_not_modify_tokens(self):
+        tokens = torch.randint(0, 64, (4, 6))
+        before = tokens.clone()
+        tasks.max_of_list_targets(tokens)
+        assert torch.equal(tokens, before)
+
+    def test_all_lists(self):
+        lists = tasks.all_lists(2)
+        assert lists.shape == (64**2, 2)
+        assert lists[0].tolist() == [0, 0] and lists[1].tolist() == [0, 1] and lists[-1].tolist() == [63, 63]
+        assert torch.equal(lists[:, 0] * 64 + lists[:, 1], torch.arange(64**2))  # lexicographic, no repeats
+        three = tasks.all_lists(3, vocab=5)
+        assert three.shape == (125, 3) and three[-1].tolist() == [4, 4, 4]
+        assert len({tuple(r) for r in three.tolist()}) == 125
+
+
+class TestAddition:
+    def test_pairs(self):
+        tokens, targets = tasks.addition_pairs()
+        assert tokens.shape == targets.shape == (8256, 2) == (128 * 129 // 2, 2)
+        a, b = tokens[:, 0], tokens[:, 1]
+        assert (a >= 0).all() and (b >= 0).all() and ((a + b) <= 127).all()
+        assert len({tuple(r) for r in tokens.tolist()}) == 8256  # every pair once
+        key = a * 128 + b
+        assert (key[1:] > key[:-1]).all()  # ordered by a then b
+        assert tokens[0].tolist() == [0, 0] and tokens[-1].tolist() == [127, 0]
+        assert (targets[:, 0] == IGNORE).all()
+        assert torch.equal(targets[:, 1], a + b)
+
+    @pytest.mark.parametrize("max_sum", [0, 1, 5])
+    def test_small_max_sum(self, max_sum):
+        tokens, _ = tasks.addition_pairs(max_sum)
+        expected = [[a, b] for a in range(max_sum + 1) for b in range(max_sum + 1) if a + b <= max_sum]
+        assert tokens.tolist() == expected
+
+
+class TestFibonacci:
+    def test_sequence(self):
+        assert tasks.fibonacci_sequence(1, 1, 7) == [1, 1, 2, 3, 5, 8, 13]
+        assert tasks.fibonacci_sequence(3, 0, 2) == [3, 0]
+
+    def test_sequences_are_valid_and_complete(self):
+        tokens, targets = tasks.fibonacci_sequences()
+        assert tokens.shape == targets.shape and tokens.shape[1] == tasks.FIBONACCI_LENGTH
+        assert torch.equal(tokens[:, 2:], tokens[:, :-2] + tokens[:, 1:-1])  # x[i+2] = x[i] + x[i+1]
+        assert (tokens >= 0).all() and (tokens <= 127).all()
+        n_valid = sum(1 for x0 in range(128) for x1 in range(128) if 2 * x0 + 3 * x1 <= 127)
+        assert len(tokens) == n_valid == len({tuple(r) for r in tokens.tolist()})
+
+    def test_targets_ignore_exactly_position_0_and_overflow(self):
+        tokens, targets = tasks.fibonacci_sequences()
+        nxt = torch.cat([tokens[:, 1:], tokens[:, -2:-1] + tokens[:, -1:]], dim=1)
+        position_0 = torch.zeros_like(tokens, dtype=torch.bool)
+        position_0[:, 0] = True
+        assert torch.equal(targets == IGNORE, position_0 | (nxt > 127))
+        keep = targets != IGNORE
+        assert torch.equal(targets[keep], nxt[keep])
+        # both cases occur: x5 = x3 + x4 fits for some sequences and overflows for others
+        assert (targets[:, -1] == IGNORE).any() and (targets[:, -1] != IGNORE).any()
+
+    def test_targets_with_a_smaller_max_value(self):
+        tokens = torch.tensor([[1, 2, 3, 5, 8], [10, 20, 30, 50, 80]])
+        assert tasks.fibonacci_targets(tokens, max_value=30).tolist() == [
+            [IGNORE, 3, 5, 8, 13], [IGNORE, 30, IGNORE, IGNORE, IGNORE]]
+
+
+class TestBigram:
+    def test_transition_matrix(self):
+        T = tasks.bigram_transition_matrix()
+        assert T.shape == (tasks.BIGRAM_VOCAB, tasks.BIGRAM_VOCAB)
+        assert (T > 0).all()
+        torch.testing.assert_close(T.sum(-1), torch.ones(tasks.BIGRAM_VOCAB))
+        assert torch.equal(T, tasks.bigram_transition_matrix())  # fixed by its seed
+        assert not torch.equal(T, tasks.bigram_transition_matrix(seed=1))
+
+    def test_batch_targets_are_next_states(self):
+        T = tasks.bigram_transition_matrix()
+        tokens, targets = tasks.bigram_batch(T, 2000, generator=torch.Generator().manual_seed(0))
+        assert tokens.shape == targets.shape == (2000, tasks.BIGRAM_SEQ)
+        assert torch.equal(tokens[:, 1:], targets[:, :-1])
+        assert 0 <= min(tokens.min(), targets.min()) and max(tokens.max(), targets.max()) < tasks.BIGRAM_VOCAB
+        # the walk follows the chain: empirical transition frequencies match T
+        counts = torch.zeros(tasks.BIGRAM_VOCAB, tasks.BIGRAM_VOCAB)
+        counts.index_put_((tokens.flatten(), targets.flatten()), torch.ones(tokens.numel()), accumulate=True)
+        empirical = counts / counts.sum(-1, keepdim=True)
+        assert (empirical - T).abs().max() < 0.06
+
+    def test_stationary_distribution(self):
+        T = tasks.bigram_transition_matrix()
+        pi = tasks.stationary_distribution(T)
+        assert pi.shape == (tasks.BIGRAM_VOCAB,) and (pi > 0).all()
+        torch.testing.assert_close(pi.sum(), torch.tensor(1.0))
+        torch.testing.assert_close(pi @ T, pi, atol=1e-6, rtol=0)
+
+
+# ====================================================================== models
+@pytest.mark.parametrize("name", NAMES)
+def test_build_model_freezes_biases_at_zero(name):
+    model = models.build_model(name)
+    biases = [(k, p) for k, p in model.named_parameters() if k.endswith("bias")]
+    if models.CONFIGS[name]["n_layers"] > 0:
+        assert biases, "expected bias parameters to freeze"
+    for key, p in biases:
+        assert not p.requires_grad, key
+        assert (p == 0).all(), key
+    for key, value in model.state_dict().items():
+        if key.endswith("bias"):
+            assert (value == 0).all(), key
+    trainable = [k for k, p in model.named_parameters() if p.requires_grad]
+    assert trainable and not any(k.endswith("bias") for k in trainable)
+
+
+def test_bigram_positional_embedding_frozen_at_zero():
+    model = models.build_model("bigram")
+    pos = dict(model.named_parameters())["pos._original_component.weight"]
+    assert not pos.requires_grad and (pos == 0).all()
+    assert (model.W_pos == 0).all() and (model.state_dict()["pos_embed.weight"] == 0).all()
+    # so the logits are the same table W_E W_U at every position
+    tokens = torch.randint(0, tasks.BIGRAM_VOCAB, (4, tasks.BIGRAM_SEQ))
+    with torch.no_grad():
+        logits = model(tokens)
+    torch.testing.assert_close(logits, (model.W_E @ model.W_U)[tokens], atol=1e-5, rtol=0)
+
+
+def test_other_models_train_their_positional_embedding():
+    model = models.build_model("max_of_list")
+    pos = dict(model.named_parameters())["pos._original_component.weight"]
+    assert pos.requires_grad and pos.abs().sum() > 0
+
+
+def test_build_model_is_seeded():
+    a, b, c = (models.build_model("max_of_list", seed=s).state_dict() for s in (3, 3, 4))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["embed.weight"], c["embed.weight"])
+
+
+def test_evaluate_rejects_unknown_name():
+    with pytest.raises(ValueError, match="unknown model"):
+        models.evaluate(models.build_model("bigram"), "nonsense")
+
+
+def test_bigram_kl_is_zero_for_the_true_table():
+    T = tasks.bigram_transition_matrix()
+    model = models.build_model("bigram")
+    with torch.no_grad():  # W_E = log T, W_U = I: the model's table is exactly log T
+        d = model.cfg.d_model
+        model.W_E.zero_()
+        model.W_E[:, : tasks.BIGRAM_VOCAB] = T.log()
+        model.W_U.copy_(torch.eye(d, tasks.BIGRAM_VOCAB))
+    assert abs(models.bigram_kl(model, T)) < 1e-5
+    assert models.meets_target("bigram", models.evaluate(model, "bigram"))
+
+
+# ---------------------------------------------------------------------- checkpoints
+@pytest.fixture
+def saved(tmp_path):
+    """A max_of_list checkpoint with non-zero weights in a temporary directory."""
+    model = _with_random_biases("max_of_list", seed=7)
+    config = dict(models.CONFIGS["max_of_list"], seed=7)
+    models.save_checkpoint(model, "max_of_list", config, {"seed": 7}, tmp_path)
+    return model, tmp_path
+
+
+def test_save_and_load_round_trip(saved):
+    model, directory = saved
+    assert sorted(p.name for p in directory.iterdir()) == ["max_of_list.json", "max_of_list.safetensors"]
+    loaded = models.load_model("max_of_list", directory)
+    assert not loaded.training
+    tokens = _tokens("max_of_list", 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens), model(tokens))
+
+
+def test_json_config_restores_with_boot_native(saved):
+    model, directory = saved
+    meta = json.loads((directory / "max_of_list.json").read_text())
+    assert set(meta) == {"config", "training"} and meta["training"] == {"seed": 7}
+    restored = TransformerBridge.boot_native(TransformerBridgeConfig(**meta["config"]))
+    restored.load_state_dict(load_file(str(directory / "max_of_list.safetensors")), strict=True)
+    restored.eval()
+    tokens = _tokens("max_of_list", 64)
+    with torch.no_grad():
+        assert torch.equal(restored(tokens), model(tokens))
+
+
+def _break_json(directory, change):
+    path = directory / "max_of_list.json"
+    meta = json.loads(path.read_text())
+    change(meta)
+    path.write_text(json.dumps(meta))
+
+
+BREAKAGES = {
+    "json_missing": ("json", lambda d: (d / "max_of_list.json").unlink()),
+    "safetensors_missing": ("safetensors", lambda d: (d / "max_of_list.safetensors").unlink()),
+    "safetensors_garbage": ("safetensors", lambda d: (d / "max_of_list.safetensors").write_bytes(b"\x00garbage" * 50)),
+    "safetensors_empty": ("safetensors", lambda d: (d / "max_of_list.safetensors").write_bytes(b"")),
+    "safetensors_truncated": ("safetensors", lambda d: (d / "max_of_list.safetensors").write_bytes(
+        (d / "max_of_list.safetensors").read_bytes()[:5000])),
+    "json_garbage": ("json", lambda d: (d / "max_of_list.json").write_text("{not json")),
+    "json_without_config": ("json", lambda d: _break_json(d, lambda m: m.pop("config"))),
+    "d_model_changed": ("safetensors", lambda d: _break_json(d, lambda m: m["config"].update(d_model=64, d_head=64))),
+    "d_vocab_changed": ("safetensors", lambda d: _break_json(d, lambda m: m["config"].update(d_vocab=65))),
+    "n_layers_changed": ("safetensors", lambda d: _break_json(d, lambda m: m["config"].update(n_layers=2))),
+    "mlp_added": ("safetensors", lambda d: _break_json(d, lambda m: m["config"].update(attn_only=False, d_mlp=32))),
+    "unknown_config_key": ("json", lambda d: _break_json(d, lambda m: m["config"].update(not_a_field=1))),
+}
+
+
+@pytest.mark.parametrize("breakage", list(BREAKAGES))
+def test_load_model_reports_broken_checkpoints(saved, breakage):
+    _, directory = saved
+    named_file, breaker = BREAKAGES[breakage]
+    breaker(directory)
+    with pytest.raises(models.CheckpointError) as excinfo:
+        models.load_model("max_of_list", directory)
+    message = str(excinfo.value)
+    assert str(directory / f"max_of_list.{named_file}") in message, message
+    assert "python -m utils.train max_of_list" in message, message
+    assert "\n" not in message, message
+
+
+def test_load_model_reports_a_binary_json(saved):
+    _, directory = saved
+    (directory / "max_of_list.json").write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(models.CheckpointError, match="python -m utils.train max_of_list"):
+        models.load_model("max_of_list", directory)
+
+
+def test_checkpoint_error_is_a_runtime_error():
+    assert issubclass(models.CheckpointError, RuntimeError)
+    assert models.rebuild_command("addition") == "python -m utils.train addition"
+
+
+# ---------------------------------------------------------------------- basis changes
+@pytest.mark.parametrize("name", NAMES)
+def test_rotate_residual_stream_keeps_logits(name):
+    model = _with_random_biases(name, seed=1)
+    state = model.state_dict()
+    d = model.cfg.d_model
+    R = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))[0].float()
+    rotated_state = models.rotate_residual_stream(state, R)
+    assert set(rotated_state) == set(state)
+    assert not torch.allclose(rotated_state["embed.weight"], state["embed.weight"])
+    rotated = models.model_from_state(dict(models.CONFIGS[name], seed=1), rotated_state)
+    tokens = _tokens(name, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(rotated(tokens), model(tokens), atol=1e-4, rtol=0)
+    assert torch.equal(state["embed.weight"], model.state_dict()["embed.weight"])  # input untouched
+
+
+def _addition_state_with_mlp_bias():
+    return _with_random_biases("addition", seed=2).state_dict()
+
+
+def test_rotate_neurons_changes_logits():
+    state = _addition_state_with_mlp_bias()
+    config = dict(models.CONFIGS["addition"], seed=2)
+    model = models.model_from_state(config, state)
+    d_mlp = models.CONFIGS["addition"]["d_mlp"]
+    R = torch.linalg.qr(torch.randn(d_mlp, d_mlp, dtype=torch.float64))[0].float()
+    rotated = models.model_from_state(config, models.rotate_neurons(state, R))
+    tokens, _ = tasks.addition_pairs()
+    with torch.no_grad():
+        assert (rotated(tokens) - model(tokens)).abs().max() > 1e-2
+
+
+def test_rotate_neurons_by_a_permutation_keeps_logits():
+    """ReLU commutes with permutations, so permuting the neurons (a special rotation) changes nothing."""
+    state = _addition_state_with_mlp_bias()
+    config = dict(models.CONFIGS["addition"], seed=2)
+    model = models.model_from_state(config, state)
+    d_mlp = models.CONFIGS["addition"]["d_mlp"]
+    P = torch.eye(d_mlp)[torch.randperm(d_mlp)]
+    permuted = models.model_from_state(config, models.rotate_neurons(state, P))
+    tokens, _ = tasks.addition_pairs()
+    with torch.no_grad():
+        torch.testing.assert_close(permuted(tokens), model(tokens), atol=1e-4, rtol=0)
+
+
+# ====================================================================== circuits
+@pytest.mark.parametrize("name", ["max_of_list", "addition", "fibonacci"])
+def test_residual_from_components_matches_cache(name):
+    model = _with_random_biases(name, seed=3)
+    _, cache = model.run_with_cache(_tokens(name, 8))
+    torch.testing.assert_close(circuits.residual_from_components(model, cache), cache["resid_post", -1],
+                               atol=1e-5, rtol=1e-5)
+
+
+def _two_layer_two_head_model():
+    cfg = TransformerBridgeConfig(d_model=16, d_head=8, n_heads=2, n_layers=2, n_ctx=5, d_vocab=11,
+                                  normalization_type=None, attn_only=True, seed=3)
+    return TransformerBridge.boot_native(cfg).eval()
+
+
+def test_residual_from_components_two_layers():
+    model = _two_layer_two_head_model()
+    _, cache = model.run_with_cache(torch.randint(0, 11, (4, 5)))
+    torch.testing.assert_close(circuits.residual_from_components(model, cache), cache["resid_post", -1],
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["max_of_list", "addition"])
+def test_attention_pattern_matches_cache(name):
+    model = _with_random_biases(name, seed=4)
+    _, cache = model.run_with_cache(_tokens(name, 8))
+    torch.testing.assert_close(circuits.attention_pattern(cache["q", 0], cache["k", 0]), cache["pattern", 0],
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_attention_pattern_several_heads_and_layers():
+    model = _two_layer_two_head_model()
+    _, cache = model.run_with_cache(torch.randint(0, 11, (4, 5)))
+    for layer in range(2):
+        pattern = circuits.attention_pattern(cache["q", layer], cache["k", layer])
+        assert pattern.shape == (4, 2, 5, 5)
+        torch.testing.assert_close(pattern, cache["pattern", layer], atol=1e-5, rtol=1e-5)
+
+
+def test_attention_pattern_is_causal_and_normalised():
+    q, k = torch.randn(2, 6, 3, 4), torch.randn(2, 6, 3, 4)
+    pattern = circuits.attention_pattern(q, k)
+    torch.testing.assert_close(pattern.sum(-1), torch.ones(2, 3, 6))
+    assert (pattern.triu(diagonal=1) == 0).all()
+    assert (pattern[..., 0, 0] == 1).all()
+
+
+# ====================================================================== training
+def test_loss_fn_ignores_ignored_positions():
+    logits = torch.randn(4, 6, 64)
+    targets = torch.randint(0, 64, (4, 6))
+    targets[:, 0] = IGNORE
+    targets[1, 3] = IGNORE
+    loss = train.loss_fn(logits, targets)
+    changed = logits.clone()
+    changed[:, 0] = 100 * torch.randn(4, 64)
+    changed[1, 3] = 100 * torch.randn(64)
+    assert torch.equal(train.loss_fn(changed, targets), loss)
+    # it is the mean over the positions that have a target
+    keep = targets != IGNORE
+    manual = -logits.log_softmax(-1)[keep].gather(-1, targets[keep][:, None]).mean()
+    torch.testing.assert_close(loss, manual)
+    # and changing a kept position does change it
+    changed[0, 1] += 5 * torch.randn(64)
+    assert not torch.equal(train.loss_fn(changed, targets), loss)
+
+
+def test_lr_at_warms_up_then_decays():
+    recipe = train.Recipe(steps=100, lr=1.0, batch_size=8, warmup=10)
+    lrs = [train.lr_at(step, recipe) for step in range(recipe.steps)]
+    warm, decay = lrs[:10], lrs[10:]
+    assert all(b > a for a, b in zip(warm, warm[1:]))
+    assert warm[0] == pytest.approx(0.1) and warm[-1] == pytest.approx(1.0)
+    assert decay[0] == pytest.approx(1.0)
+    assert all(b <= a for a, b in zip(decay, decay[1:])) and decay[-1] < 0.06
+    assert min(lrs) >= 0.05 * recipe.lr - 1e-12
+    assert train.lr_at(recipe.steps, recipe) == pytest.approx(0.05)
+    no_warmup = train.Recipe(steps=10, lr=0.5, batch_size=8)
+    assert train.lr_at(0, no_warmup) == pytest.approx(0.5)
+
+
+def test_every_recipe_names_a_model():
+    assert set(train.RECIPES) == set(models.CONFIGS)
+
+
+def test_train_lowers_the_loss_and_keeps_biases_zero():
+    model = models.build_model("max_of_list", seed=0)
+    tokens, targets = tasks.max_of_list_batch(1024, generator=torch.Generator().manual_seed(99))
+    with torch.no_grad():
+        before = train.loss_fn(model(tokens), targets).item()
+    seen = []
+    recipe = train.Recipe(steps=30, lr=1e-2, batch_size=128, warmup=3)
+    losses = train.train(model, "max_of_list", recipe, seed=0, progress=False, on_step=lambda s, l: seen.append((s, l)))
+    assert len(losses) == 30 and all(math.isfinite(l) for l in losses)
+    assert [s for s, _ in seen] == list(range(30)) and [l for _, l in seen] == losses
+    assert not model.training
+    with torch.no_grad():
+        after = train.loss_fn(model(tokens), targets).item()
+    assert after < before - 0.3, (before, after)
+    assert sum(losses[-5:]) / 5 < losses[0]
+    for key, value in model.state_dict().items():
+        if key.endswith("bias"):
+            assert (value == 0).all(), key
+
+
+def test_train_is_deterministic():
+    recipe = train.Recipe(steps=4, lr=1e-2, batch_size=64)
+    a, b = models.build_model("addition", seed=1), models.build_model("addition", seed=1)
+    la = train.train(a, "addition", recipe, seed=5, progress=False)
+    lb = train.train(b, "addition", recipe, seed=5, progress=False)
+    assert la == lb
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("name, batch_size", [("addition", 0), ("fibonacci", 0), ("addition", 16), ("bigram", 8)])
+def test_batch_sampler(name, batch_size):
+    sample = train.batch_sampler(name, batch_size, torch.Generator().manual_seed(0))
+    tokens, targets = sample()
+    if batch_size:
+        assert len(tokens) == batch_size
+    else:
+        full = tasks.addition_pairs() if name == "addition" else tasks.fibonacci_sequences()
+        assert torch.equal(tokens, full[0]) and torch.equal(targets, full[1])
+    assert tokens.shape == targets.shape and tokens.shape[1] == models.CONFIGS[name]["n_ctx"]
+
+
+def test_train_command_writes_a_checkpoint(tmp_path, monkeypatch, capsys):
+    """`python -m utils.train bigram --out DIR --seed 3`, in process, with a tiny recipe (the real one takes minutes)."""
+    tiny = train.Recipe(steps=5, lr=1e-2, batch_size=16)
+    monkeypatch.setitem(train.RECIPES, "bigram", tiny)
+    code = train.main(["bigram", "--out", str(tmp_path), "--seed", "3"])
+    out = capsys.readouterr().out
+    assert code == 1 and "MISSES" in out and "bigram: {'kl':" in out  # 5 steps do not reach the target
+    assert str(tmp_path / "bigram.safetensors") in out
+
+    meta = json.loads((tmp_path / "bigram.json").read_text())
+    assert meta["config"] == dict(models.CONFIGS["bigram"], seed=3)
+    training = meta["training"]
+    assert training["seed"] == 3 and training["recipe"] == dataclasses.asdict(tiny)
+    assert training["meets_target"] is False and training["report"]["kl"] > models.BIGRAM_KL_TARGET
+    assert isinstance(training["seconds"], (int, float)) and training["seconds"] >= 0
+    assert set(training["versions"]) >= {"python", "torch", "transformer_lens"}
+    assert training["versions"]["torch"] == torch.__version__
+
+    model = models.load_model("bigram", tmp_path)
+    assert models.evaluate(model, "bigram")["kl"] == pytest.approx(training["report"]["kl"], rel=1e-5)
+    assert (model.W_pos == 0).all() and (model.state_dict()["unembed.bias"] == 0).all()
+
+
+def test_train_command_rejects_unknown_names():
+    with pytest.raises(SystemExit):
+        train.main(["nonsense"])
+
+
+def test_versions_records_the_transformer_lens_version():
+    assert train.versions()["transformer_lens"] == importlib.metadata.version("transformer-lens")
