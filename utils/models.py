@@ -71,7 +71,7 @@ def freeze_biases(model: torch.nn.Module) -> None:
 
 # --------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def predictions(model: torch.nn.Module, tokens: Tensor, batch_size: int = 65536) -> Tensor:
+def predictions(model: torch.nn.Module, tokens: Tensor, batch_size: int = 8192) -> Tensor:
     """The model's argmax prediction at every position, [batch, seq]."""
     return torch.cat([model(chunk).argmax(-1) for chunk in tokens.split(batch_size)])
 
