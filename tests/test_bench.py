@@ -1,0 +1,130 @@
+"""The benchmark compares like with like, and its command runs end to end."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from utils import bench, models, train
+
+
+def _randomised_bridge(name: str, seed: int = 0):
+    """A bridge model whose trainable weights are random and large enough for sharp attention."""
+    bridge = models.build_model(name, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    std = 2.0 / math.sqrt(models.CONFIGS[name]["d_model"])
+    with torch.no_grad():
+        for p in bridge.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return bridge
+
+
+@pytest.mark.parametrize("name", ["max_of_list", "addition"])
+def test_plain_module_matches_bridge_forward(name):
+    cfg = models.CONFIGS[name]
+    bridge = _randomised_bridge(name)
+    plain = bench.PlainTransformer.from_config(cfg)
+    with torch.no_grad():  # copy the weights by hand, in TransformerLens's shapes
+        plain.W_E.copy_(bridge.W_E)
+        plain.W_pos.copy_(bridge.W_pos)
+        plain.W_U.copy_(bridge.W_U)
+        for wname in ("W_Q", "W_K", "W_V", "W_O", "W_in", "W_out"):
+            if getattr(plain.blocks[0], wname) is not None:
+                getattr(plain.blocks[0], wname).copy_(getattr(bridge, wname)[0])
+    assert (plain.blocks[0].W_in is None) == bool(cfg.get("attn_only"))
+    # same trainable weights: the bridge's extra parameters are only its frozen zero biases
+    assert sum(p.numel() for p in plain.parameters()) == sum(p.numel() for p in bridge.parameters() if p.requires_grad)
+
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, cfg["d_vocab"], (256, cfg["n_ctx"]), generator=g)
+    with torch.no_grad():
+        expected, got = bridge(tokens), plain(tokens)
+    assert got.shape == expected.shape == (256, cfg["n_ctx"], cfg["d_vocab"])
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+    # the comparison has teeth: attention and the causal mask both change the logits
+    with torch.no_grad():
+        plain.blocks[0].W_K.mul_(1.01)
+        assert (plain(tokens) - expected).abs().max() > 1e-3
+        plain.blocks[0].W_K.div_(1.01)
+        plain.blocks[0].future.zero_()
+        assert (plain(tokens) - expected).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["bigram", "max_of_list", "addition"])
+def test_same_training_trajectory(name):
+    """build_pair starts both from the same weights and train() moves them identically."""
+    bridge, plain = bench.build_pair(name)
+    assert [n for n, p in plain.named_parameters() if not p.requires_grad] == (["W_pos"] if name == "bigram" else [])
+    recipe = dataclasses.replace(train.RECIPES[name], steps=5, batch_size=min(64, train.RECIPES[name].batch_size or 64))
+    lb = train.train(bridge, name, recipe, progress=False)
+    lp = train.train(plain, name, recipe, progress=False)
+    assert lb == pytest.approx(lp, abs=1e-4)
+    tokens = torch.randint(0, models.CONFIGS[name]["d_vocab"], (32, models.CONFIGS[name]["n_ctx"]))
+    with torch.no_grad():
+        torch.testing.assert_close(plain(tokens), bridge(tokens), atol=1e-4, rtol=0)
+    if name == "bigram":  # evaluate() works on the plain module, bigram KL included
+        assert models.evaluate(plain, name)["kl"] == pytest.approx(models.evaluate(bridge, name)["kl"], abs=1e-5)
+
+
+def test_main_prints_a_table(tmp_path, capsys):
+    out_json = tmp_path / "bench.json"
+    assert bench.main(["--models", "bigram", "--no-notebooks", "--steps", "20", "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    assert "TRAINING" in out and "MEMORY" in out
+    for impl in ("bridge", "plain", "ratio"):
+        assert any(line.split()[:2] == ["bigram", impl] for line in out.splitlines()), out
+    assert "not reached in 20 steps" in out  # 20 steps are far too few for the KL target
+    data = json.loads(out_json.read_text())
+    assert data["training"][0]["model"] == "bigram"
+    assert data["training"][0]["bridge"]["steps"] == 20
+    assert data["bench_peak_rss"] > 0
+    assert data["notebooks"] is None
+
+
+@pytest.mark.slow  # starts Jupyter kernels (a few seconds)
+def test_notebook_runner_reports_pass_fail_and_empty_folder(tmp_path, capsys):
+    nbformat = pytest.importorskip("nbformat")
+    good, bad = tmp_path / "good.ipynb", tmp_path / "bad.ipynb"
+    cells = [nbformat.v4.new_code_cell("import os\nassert os.path.exists('good.ipynb')")]  # cwd = its folder
+    nbformat.write(nbformat.v4.new_notebook(cells=cells), good)
+    cells = [nbformat.v4.new_code_cell("x = 1"), nbformat.v4.new_code_cell("raise ValueError('boom')")]
+    nbformat.write(nbformat.v4.new_notebook(cells=cells), bad)
+
+    ok = bench.run_notebook(good, timeout=60)
+    assert ok["passed"] and ok["error"] is None and ok["peak_rss"] > 0 and ok["ok"]
+    failed = bench.run_notebook(bad, timeout=60)
+    assert not failed["passed"] and not failed["ok"]
+    assert failed["error"] == "ValueError: boom"
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert bench.main(["--models", "--notebooks", str(empty)]) == 0
+    assert "none found" in capsys.readouterr().out
+
+
+class _FakeMaxModel(torch.nn.Module):
+    """Predicts the running maximum, except on lists of length `wrong_length` that start with 0."""
+
+    def __init__(self, wrong_length: int | None = None):
+        super().__init__()
+        self.wrong_length = wrong_length
+
+    def forward(self, tokens):
+        pred = tokens.cummax(dim=-1).values
+        if tokens.shape[-1] == self.wrong_length:
+            pred = torch.where(tokens[:, :1] == 0, (pred + 1) % 64, pred)
+        return torch.nn.functional.one_hot(pred, 64).float()
+
+
+def test_max_of_list_screen_agrees_with_evaluate():
+    screen = bench.MaxOfListScreen()
+    perfect, flawed = _FakeMaxModel(), _FakeMaxModel(wrong_length=6)  # ~1.6% wrong at length 6
+    assert screen.could_pass(perfect) and models.meets_target("max_of_list", models.evaluate(perfect, "max_of_list"))
+    assert not screen.could_pass(flawed)
+    assert not models.meets_target("max_of_list", models.evaluate(flawed, "max_of_list"))
