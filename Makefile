@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# JupyterLab refuses to start as root (containers, some cloud machines) unless told to
+LAB_ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 .PHONY: lab test test-fast chapters bench clean
 
@@ -15,7 +17,7 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $(STAMP)
 
 lab: $(STAMP)
-	$(BIN)/jupyter lab --ServerApp.root_dir=. chapters/00_tour.ipynb
+	$(BIN)/jupyter lab $(LAB_ROOT_FLAG) --ServerApp.root_dir=. chapters/00_tour.ipynb
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
