@@ -28,6 +28,10 @@ CHECKS = {
     "fibonacci_targets": (checks.check_fibonacci_targets, tasks.fibonacci_targets, "Exercise 1.3"),
     "loss_fn": (checks.check_loss_fn, train.loss_fn, "Exercise 1.4"),
     "train_step": (checks.check_train_step, train.train_step, "Exercise 1.5"),
+    "bigram_log_table": (checks.check_bigram_log_table, models.bigram_table, "Exercise 2.1"),
+    "kl_to_chain": (checks.check_kl_to_chain,
+                    lambda log_model, transitions, pi: pi @ (transitions * (transitions.log() - log_model)).sum(-1),
+                    "Exercise 2.2"),
 }
 
 
@@ -322,7 +326,38 @@ def step_loss_after_update(model, optimizer, tokens, targets):
         return train.loss_fn(model(tokens), targets).item()
 
 
+# chapter 02
+def table_no_bias(model):
+    return torch.log_softmax(model.W_E @ model.W_U, dim=-1)
+
+
+def table_softmax_over_current(model):
+    return torch.log_softmax(model.W_E @ model.W_U + model.b_U, dim=0)
+
+
+def table_probabilities_not_logs(model):
+    return torch.softmax(model.W_E @ model.W_U + model.b_U, dim=-1)
+
+
+def kl_unweighted_rows(log_model, transitions, pi):
+    return (transitions * (transitions.log() - log_model)).sum(-1).mean()
+
+
+def kl_reversed(log_model, transitions, pi):
+    return pi @ (log_model.exp() * (log_model - transitions.log())).sum(-1)
+
+
+def kl_per_row(log_model, transitions, pi):
+    return (transitions * (transitions.log() - log_model)).sum(-1)
+
+
 MISTAKES = [
+    ("bigram_log_table", table_no_bias),
+    ("bigram_log_table", table_softmax_over_current),
+    ("bigram_log_table", table_probabilities_not_logs),
+    ("kl_to_chain", kl_unweighted_rows),
+    ("kl_to_chain", kl_reversed),
+    ("kl_to_chain", kl_per_row),
     ("residual_from_components", resid_no_pos_embed),
     ("residual_from_components", resid_no_mlp_out),
     ("residual_from_components", resid_uses_resid_pre),
@@ -466,6 +501,8 @@ def _nan_step_after_correct_update(model, optimizer, tokens, targets):
     ("attention_pattern", _nan_pattern),
     ("rotate_residual_stream", _nan_rotation),
     ("loss_fn", _nan_loss),
+    ("bigram_log_table", lambda model: torch.full((16, 16), NAN)),
+    ("kl_to_chain", lambda log_model, transitions, pi: torch.tensor(NAN)),
 ])
 def test_nan_result_reported(check_name, fn):
     message = _fails(check_name, fn)

@@ -220,3 +220,37 @@ def check_train_step(fn: Callable) -> None:
                 raise CheckFailed(f"{ex}: after step {step + 1} the weights differ from the reference ({name}). "
                                   f"Hint: the order is loss, optimizer.zero_grad(), loss.backward(), optimizer.step().")
     passed(ex)
+
+
+# ------------------------------------------------------------------ chapter 02: zero-layer models
+def check_bigram_log_table(fn: Callable) -> None:
+    from utils import models
+
+    ex = "Exercise 2.1 (bigram_log_table)"
+    hint = ("multiply W_E [vocab, d_model] by W_U [d_model, vocab] (in that order), add b_U, and take "
+            "log_softmax over the last axis (the next token).")
+    model = models.build_model("bigram", seed=int(torch.randint(0, 10_000, ())))
+    with torch.no_grad():
+        model.b_U.copy_(0.1 * torch.randn_like(model.b_U))
+        got = call_learner(fn, ex, model, hint=hint)
+        compare_tensors(got, models.bigram_table(model), ex, hint, atol=1e-4)
+    passed(ex)
+
+
+def check_kl_to_chain(fn: Callable) -> None:
+    from utils import tasks
+
+    ex = "Exercise 2.2 (kl_to_chain)"
+    hint = ("per row, KL(true || model) = sum_next T[cur, next] * (log T[cur, next] - log_model[cur, next]); "
+            "then weight the rows by the stationary distribution pi and sum.")
+    transitions = tasks.bigram_transition_matrix(8, seed=int(torch.randint(0, 10_000, ())))
+    log_model = torch.log_softmax(torch.randn(8, 8), dim=-1)
+    pi = tasks.stationary_distribution(transitions)
+    expected = (pi @ (transitions * (transitions.log() - log_model)).sum(-1)).reshape(())
+    got = call_learner(fn, ex, log_model.clone(), transitions.clone(), pi.clone(), hint=hint)
+    if isinstance(got, (float, int)):
+        got = torch.tensor(float(got))
+    if isinstance(got, Tensor) and got.numel() == 1:
+        got = got.reshape(())
+    compare_tensors(got, expected, ex, hint, atol=1e-5, what="KL")
+    passed(ex)
