@@ -32,6 +32,9 @@ CHECKS = {
     "kl_to_chain": (checks.check_kl_to_chain,
                     lambda log_model, transitions, pi: pi @ (transitions * (transitions.log() - log_model)).sum(-1),
                     "Exercise 2.2"),
+    "token_qk_circuit": (checks.check_token_qk_circuit, circuits.full_qk_tokens, "Exercise 3.1"),
+    "full_ov_circuit": (checks.check_full_ov_circuit, lambda model: circuits.full_ov(model).AB, "Exercise 3.2"),
+    "copying_score": (checks.check_copying_score, circuits.copying_score, "Exercise 3.3"),
 }
 
 
@@ -351,7 +354,60 @@ def kl_per_row(log_model, transitions, pi):
     return (transitions * (transitions.log() - log_model)).sum(-1)
 
 
+# chapter 03
+def qk_no_scale(model):
+    return model.W_E @ model.W_Q[0, 0] @ model.W_K[0, 0].T @ model.W_E.T
+
+
+def qk_transposed(model):
+    return (model.W_E @ model.W_Q[0, 0] @ model.W_K[0, 0].T @ model.W_E.T / model.cfg.d_head**0.5).T
+
+
+def qk_without_embedding(model):
+    return model.W_Q[0, 0] @ model.W_K[0, 0].T / model.cfg.d_head**0.5
+
+
+def ov_transposed(model):
+    return (model.W_E @ model.W_V[0, 0] @ model.W_O[0, 0] @ model.W_U).T
+
+
+def ov_without_w_o(model):
+    return model.W_E @ model.W_V[0, 0] @ model.W_U
+
+
+def ov_factored(model):
+    return circuits.full_ov(model)  # a FactoredMatrix, not a tensor
+
+
+def ov_unembed_on_wrong_side(model):
+    return model.W_U.T @ model.W_V[0, 0] @ model.W_O[0, 0] @ model.W_E.T
+
+
+def copy_singular_values(matrix):
+    s = torch.linalg.svdvals(matrix)
+    return (s.sum() / s.abs().sum()).item()
+
+
+def copy_abs_of_sum(matrix):
+    eig = torch.linalg.eigvals(matrix)
+    return (eig.sum().abs() / eig.abs().sum()).item()
+
+
+def copy_trace_over_norm(matrix):
+    return (matrix.trace() / matrix.norm()).item()
+
+
 MISTAKES = [
+    ("token_qk_circuit", qk_no_scale),
+    ("token_qk_circuit", qk_transposed),
+    ("token_qk_circuit", qk_without_embedding),
+    ("full_ov_circuit", ov_transposed),
+    ("full_ov_circuit", ov_without_w_o),
+    ("full_ov_circuit", ov_factored),
+    ("full_ov_circuit", ov_unembed_on_wrong_side),
+    ("copying_score", copy_singular_values),
+    ("copying_score", copy_abs_of_sum),
+    ("copying_score", copy_trace_over_norm),
     ("bigram_log_table", table_no_bias),
     ("bigram_log_table", table_softmax_over_current),
     ("bigram_log_table", table_probabilities_not_logs),
@@ -503,6 +559,8 @@ def _nan_step_after_correct_update(model, optimizer, tokens, targets):
     ("loss_fn", _nan_loss),
     ("bigram_log_table", lambda model: torch.full((16, 16), NAN)),
     ("kl_to_chain", lambda log_model, transitions, pi: torch.tensor(NAN)),
+    ("token_qk_circuit", lambda model: torch.full((64, 64), NAN)),
+    ("full_ov_circuit", lambda model: torch.full((64, 64), NAN)),
 ])
 def test_nan_result_reported(check_name, fn):
     message = _fails(check_name, fn)

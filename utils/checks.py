@@ -254,3 +254,57 @@ def check_kl_to_chain(fn: Callable) -> None:
         got = got.reshape(())
     compare_tensors(got, expected, ex, hint, atol=1e-5, what="KL")
     passed(ex)
+
+
+# ------------------------------------------------------------------ chapter 03: QK and OV circuits
+def _random_max_of_list_model():
+    from utils import models
+
+    return models.build_model("max_of_list", seed=int(torch.randint(0, 10_000, ())))
+
+
+def check_token_qk_circuit(fn: Callable) -> None:
+    from utils import circuits
+
+    ex = "Exercise 3.1 (token_qk_circuit)"
+    hint = ("rows are query tokens, columns key tokens: W_E @ W_Q[0, 0] @ W_K[0, 0].T @ W_E.T, divided by "
+            "sqrt(d_head) like the attention scores.")
+    model = _random_max_of_list_model()
+    with torch.no_grad():
+        got = call_learner(fn, ex, model, hint=hint)
+        compare_tensors(got, circuits.full_qk_tokens(model), ex, hint, atol=1e-4)
+    passed(ex)
+
+
+def check_full_ov_circuit(fn: Callable) -> None:
+    from utils import circuits
+
+    ex = "Exercise 3.2 (full_ov_circuit)"
+    hint = ("follow a token through the head: embed (W_E), value (W_V[0, 0]), output (W_O[0, 0]), unembed (W_U); "
+            "rows are attended tokens, columns output logits. Return a plain tensor (use .AB on a FactoredMatrix).")
+    model = _random_max_of_list_model()
+    with torch.no_grad():
+        got = call_learner(fn, ex, model, hint=hint)
+        compare_tensors(got, circuits.full_ov(model).AB, ex, hint, atol=1e-4)
+    passed(ex)
+
+
+def check_copying_score(fn: Callable) -> None:
+    from utils import circuits
+
+    ex = "Exercise 3.3 (copying_score)"
+    hint = ("take the (complex) eigenvalues with torch.linalg.eigvals, then return the real part of their sum "
+            "divided by the sum of their absolute values, as a float.")
+    cases = [torch.eye(6), -torch.eye(6), torch.randn(10, 10), torch.randn(10, 10) + 3 * torch.eye(10),
+             torch.tensor([[0.0, -1.0], [1.0, 0.0]])]
+    for matrix in cases:
+        got = call_learner(fn, ex, matrix.clone(), hint=hint)
+        if isinstance(got, Tensor) and got.numel() == 1:
+            got = got.item()
+        if not isinstance(got, (float, int)):
+            raise CheckFailed(f"{ex}: expected a float, got {type(got).__name__}. Hint: {hint}")
+        expected = circuits.copying_score(matrix)
+        if not math.isfinite(got) or abs(got - expected) > 1e-4:
+            raise CheckFailed(f"{ex}: for a {tuple(matrix.shape)} test matrix expected {expected:.4f}, got {got:.4f}. "
+                              f"Hint: {hint}")
+    passed(ex)
