@@ -35,6 +35,8 @@ CHECKS = {
     "token_qk_circuit": (checks.check_token_qk_circuit, circuits.full_qk_tokens, "Exercise 3.1"),
     "full_ov_circuit": (checks.check_full_ov_circuit, lambda model: circuits.full_ov(model).AB, "Exercise 3.2"),
     "copying_score": (checks.check_copying_score, circuits.copying_score, "Exercise 3.3"),
+    "positional_qk_circuit": (checks.check_positional_qk_circuit, circuits.full_qk_positional, "Exercise 4.1"),
+    "fraction_ordered": (checks.check_fraction_ordered, circuits.fraction_ordered, "Exercise 4.2"),
 }
 
 
@@ -397,7 +399,53 @@ def copy_trace_over_norm(matrix):
     return (matrix.trace() / matrix.norm()).item()
 
 
+# chapter 04
+def pos_qk_forgets_positions(model, q, k):
+    return model.W_E @ model.W_Q[0, 0] @ model.W_K[0, 0].T @ model.W_E.T / model.cfg.d_head**0.5
+
+
+def pos_qk_query_position_on_both(model, q, k):
+    x = model.W_E + model.W_pos[q]
+    return x @ model.W_Q[0, 0] @ model.W_K[0, 0].T @ x.T / model.cfg.d_head**0.5
+
+
+def pos_qk_no_scale(model, q, k):
+    return circuits.full_qk_positional(model, q, k, scale=False)
+
+
+def pos_qk_swapped_positions(model, q, k):
+    return circuits.full_qk_positional(model, k, q)
+
+
+def ordered_with_ties(scores):
+    n = scores.shape[-1]
+    wins = scores[:, None, :] >= scores[:, :, None]
+    return wins[:, torch.triu(torch.ones(n, n, dtype=torch.bool), diagonal=1)].float().mean().item()
+
+
+def ordered_including_diagonal(scores):
+    n = scores.shape[-1]
+    wins = scores[:, None, :] > scores[:, :, None]
+    return wins[:, torch.triu(torch.ones(n, n, dtype=torch.bool), diagonal=0)].float().mean().item()
+
+
+def ordered_over_rows(scores):
+    return circuits.fraction_ordered(scores.T)
+
+
+def ordered_adjacent_only(scores):
+    return (scores[:, 1:] > scores[:, :-1]).float().mean().item()
+
+
 MISTAKES = [
+    ("positional_qk_circuit", pos_qk_forgets_positions),
+    ("positional_qk_circuit", pos_qk_query_position_on_both),
+    ("positional_qk_circuit", pos_qk_no_scale),
+    ("positional_qk_circuit", pos_qk_swapped_positions),
+    ("fraction_ordered", ordered_with_ties),
+    ("fraction_ordered", ordered_including_diagonal),
+    ("fraction_ordered", ordered_over_rows),
+    ("fraction_ordered", ordered_adjacent_only),
     ("token_qk_circuit", qk_no_scale),
     ("token_qk_circuit", qk_transposed),
     ("token_qk_circuit", qk_without_embedding),
@@ -561,6 +609,7 @@ def _nan_step_after_correct_update(model, optimizer, tokens, targets):
     ("kl_to_chain", lambda log_model, transitions, pi: torch.tensor(NAN)),
     ("token_qk_circuit", lambda model: torch.full((64, 64), NAN)),
     ("full_ov_circuit", lambda model: torch.full((64, 64), NAN)),
+    ("positional_qk_circuit", lambda model, q, k: torch.full((64, 64), NAN)),
 ])
 def test_nan_result_reported(check_name, fn):
     message = _fails(check_name, fn)

@@ -67,3 +67,29 @@ def test_frozen_pattern_reproduces_logits_and_makes_them_linear(model, run):
     # without freezing, the same mix is not linear (the pattern depends on the tokens)
     free_mix = model.run_with_hooks(tokens, fwd_hooks=[("hook_embed", lambda _, hook: mix)])
     assert (free_mix - 0.5 * (model(tokens) + model(other))).abs().max() > 1e-2
+
+
+def test_fraction_ordered_known_answers():
+    assert circuits.fraction_ordered(torch.arange(5.0).repeat(3, 1)) == 1.0
+    assert circuits.fraction_ordered(-torch.arange(5.0).repeat(3, 1)) == 0.0
+    assert circuits.fraction_ordered(torch.zeros(2, 4)) == 0.0  # ties are not "larger"
+
+
+def test_positional_qk_is_ordered_for_every_useful_pair(model):
+    for q in range(1, 6):
+        for k in range(q + 1):
+            assert circuits.fraction_ordered(circuits.full_qk_positional(model, q, k)) == 1.0, (q, k)
+
+
+def test_explorer_parses_lists_and_rejects_bad_input(model):
+    from utils import widgets
+
+    assert widgets.parse_token_list("3, 41 7", 64, 6) == [3, 41, 7]
+    for bad, words in [("", "at least one"), ("1 2 3 4 5 6 7", "at most 6"), ("3, x", "whole numbers"),
+                       ("64", "between 0 and 63")]:
+        with pytest.raises(ValueError, match=words):
+            widgets.parse_token_list(bad, 64, 6)
+    box = widgets.qk_explorer(model)
+    text = box.children[1]
+    text.value = "1, 2, 99"  # out of range: the explorer says so instead of raising
+    text.value = "5, 9"

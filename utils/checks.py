@@ -308,3 +308,39 @@ def check_copying_score(fn: Callable) -> None:
             raise CheckFailed(f"{ex}: for a {tuple(matrix.shape)} test matrix expected {expected:.4f}, got {got:.4f}. "
                               f"Hint: {hint}")
     passed(ex)
+
+
+# ------------------------------------------------------------------ chapter 04: positions in QK
+def check_positional_qk_circuit(fn: Callable) -> None:
+    from utils import circuits
+
+    ex = "Exercise 4.1 (positional_qk_circuit)"
+    hint = ("queries come from W_E + W_pos[query_pos], keys from W_E + W_pos[key_pos]: "
+            "(W_E + W_pos[q]) @ W_Q[0, 0] @ W_K[0, 0].T @ (W_E + W_pos[k]).T / sqrt(d_head).")
+    model = _random_max_of_list_model()
+    with torch.no_grad():
+        for q, k in [(5, 2), (3, 3), (4, 0)]:
+            got = call_learner(fn, ex, model, q, k, hint=hint)
+            compare_tensors(got, circuits.full_qk_positional(model, q, k), f"{ex} at query {q}, key {k}", hint, atol=1e-4)
+    passed(ex)
+
+
+def check_fraction_ordered(fn: Callable) -> None:
+    from utils import circuits
+
+    ex = "Exercise 4.2 (fraction_ordered)"
+    hint = ("for every row (query token) and every pair of key tokens b < c, count whether scores[row, c] > "
+            "scores[row, b] (strictly); return the fraction of all such comparisons as a float.")
+    cases = [torch.arange(5.0).repeat(3, 1), -torch.arange(5.0).repeat(3, 1), torch.randn(7, 9),
+             torch.tensor([[0.0, 1.0, 1.0], [2.0, 0.0, 3.0]])]
+    for scores in cases:
+        got = call_learner(fn, ex, scores.clone(), hint=hint)
+        if isinstance(got, Tensor) and got.numel() == 1:
+            got = got.item()
+        if not isinstance(got, (float, int)):
+            raise CheckFailed(f"{ex}: expected a float, got {type(got).__name__}. Hint: {hint}")
+        expected = circuits.fraction_ordered(scores)
+        if not math.isfinite(got) or abs(got - expected) > 1e-6:
+            raise CheckFailed(f"{ex}: for a {tuple(scores.shape)} test map expected {expected:.4f}, got {got:.4f}. "
+                              f"Hint: {hint}")
+    passed(ex)

@@ -84,3 +84,14 @@ def logits_with_frozen_pattern(model, tokens: Tensor, pattern: Tensor, layer: in
         return pattern
 
     return model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{layer}.attn.hook_pattern", freeze)])
+
+
+def fraction_ordered(scores: Tensor) -> float:
+    """Fraction of (row, key b < key c) comparisons in which scores[row, c] > scores[row, b] (strictly).
+
+    1.0 means every row ranks larger key tokens strictly higher.
+    """
+    n = scores.shape[-1]
+    later_wins = scores[:, None, :] > scores[:, :, None]  # [row, b, c]: scores[row, c] > scores[row, b]
+    pairs = torch.triu(torch.ones(n, n, dtype=torch.bool), diagonal=1)
+    return later_wins[:, pairs].float().mean().item()

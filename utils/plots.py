@@ -104,3 +104,12 @@ def bars(values: dict[str, float], x_label: str, y_label: str, title: str, log_y
     if log_y:
         fig.update_yaxes(type="log")
     return fig
+
+
+def logits(values: Tensor, title: str, highlight: int | None = None) -> go.Figure:
+    """Bar chart of one position's logits over the vocabulary, with one token highlighted."""
+    v = _np(values)
+    colors = ["#d62728" if i == highlight else "#1f77b4" for i in range(len(v))]
+    fig = go.Figure(go.Bar(x=list(range(len(v))), y=v, marker_color=colors))
+    fig.update_layout(**_LAYOUT, title=title, xaxis_title="output token", yaxis_title="logit", width=640, height=320)
+    return fig

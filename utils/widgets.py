@@ -1,0 +1,71 @@
+"""ipywidgets explorers: controls on the left, figures that redraw when a control changes."""
+
+from __future__ import annotations
+
+import plotly.graph_objects as go
+import torch
+
+from utils import circuits, plots
+
+
+def parse_token_list(text: str, vocab: int, n_ctx: int) -> list[int]:
+    """'3, 41, 7' -> [3, 41, 7]; raises ValueError with a readable message on bad input."""
+    parts = [p for p in text.replace(",", " ").split() if p]
+    if not parts:
+        raise ValueError("type at least one number")
+    if len(parts) > n_ctx:
+        raise ValueError(f"at most {n_ctx} numbers (the model's context), got {len(parts)}")
+    try:
+        tokens = [int(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"only whole numbers, separated by commas or spaces: {text!r}") from None
+    if not all(0 <= t < vocab for t in tokens):
+        raise ValueError(f"every number must be between 0 and {vocab - 1}")
+    return tokens
+
+
+def qk_explorer(model, tokens: tuple[int, ...] = (12, 3, 40, 7, 39, 2)):
+    """Explorer for a one-layer model: pick a query and a key position and type a list.
+
+    Shows the position-aware QK map (W_E + W_pos[q]) W_Q W_K^T (W_E + W_pos[k])^T with the
+    list's own (query, key) pair marked, the list's attention pattern, and the logits at the
+    query position.
+    """
+    import ipywidgets as widgets
+    from IPython.display import clear_output, display
+
+    n_ctx, vocab = model.cfg.n_ctx, model.cfg.d_vocab
+    query = widgets.IntSlider(value=n_ctx - 1, min=0, max=n_ctx - 1, description="query pos")
+    key = widgets.IntSlider(value=0, min=0, max=n_ctx - 1, description="key pos")
+    text = widgets.Text(value=", ".join(map(str, tokens)), description="your list", continuous_update=False)
+    out = widgets.Output()
+
+    def redraw(_=None) -> None:
+        with out:
+            clear_output(wait=True)
+            try:
+                toks = parse_token_list(text.value, vocab, n_ctx)
+            except ValueError as err:
+                print(f"Cannot read the list: {err}.")
+                return
+            q = min(query.value, len(toks) - 1)
+            k = min(key.value, q)
+            if (q, k) != (query.value, key.value):
+                print(f"showing query position {q}, key position {k} (a query sees only keys at or before it, "
+                      f"inside a list of {len(toks)})")
+            with torch.no_grad():
+                scores = circuits.full_qk_positional(model, q, k)
+                logits, cache = model.run_with_cache(torch.tensor([toks]))
+            fig = plots.heatmap(scores, f"key token at position {k}", f"query token at position {q}",
+                                f"QK scores, query position {q} vs key position {k}", "attention score")
+            fig.add_trace(go.Scatter(x=[toks[k]], y=[toks[q]], mode="markers", name="your list",
+                                     marker=dict(symbol="x", size=14, color="black")))
+            display(fig)
+            display(plots.attention_pattern(cache["pattern", 0][0, 0], toks, title="Attention pattern on your list"))
+            display(plots.logits(logits[0, q], f"Logits at query position {q} (answer: {max(toks[:q + 1])})",
+                                 highlight=max(toks[:q + 1])))
+
+    for control in (query, key, text):
+        control.observe(redraw, names="value")
+    redraw()
+    return widgets.VBox([widgets.HBox([query, key]), text, out])
