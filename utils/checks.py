@@ -64,6 +64,16 @@ def compare_tensors(got: Any, expected: Tensor, exercise: str, hint: str, atol: 
                           f"expected {exp_cmp[idx].item():.5g}, got {got_cmp[idx].item():.5g}. Hint: {hint}")
 
 
+def compare_float(got: Any, expected: float, exercise: str, hint: str, what: str, atol: float = 1e-4) -> None:
+    """Raise CheckFailed unless `got` is a finite number (or one-element tensor) within atol of `expected`."""
+    if isinstance(got, Tensor) and got.numel() == 1:
+        got = got.item()
+    if not isinstance(got, (float, int)):
+        raise CheckFailed(f"{exercise}: expected a float, got {type(got).__name__}. Hint: {hint}")
+    if not math.isfinite(got) or abs(got - expected) > atol:
+        raise CheckFailed(f"{exercise}: for {what} expected {expected:.4f}, got {got:.4f}. Hint: {hint}")
+
+
 def _random_models() -> list:
     """Freshly initialised max_of_list (attention only) and addition (with MLP) models with non-zero biases."""
     from utils import models
@@ -299,14 +309,7 @@ def check_copying_score(fn: Callable) -> None:
              torch.tensor([[0.0, -1.0], [1.0, 0.0]])]
     for matrix in cases:
         got = call_learner(fn, ex, matrix.clone(), hint=hint)
-        if isinstance(got, Tensor) and got.numel() == 1:
-            got = got.item()
-        if not isinstance(got, (float, int)):
-            raise CheckFailed(f"{ex}: expected a float, got {type(got).__name__}. Hint: {hint}")
-        expected = circuits.copying_score(matrix)
-        if not math.isfinite(got) or abs(got - expected) > 1e-4:
-            raise CheckFailed(f"{ex}: for a {tuple(matrix.shape)} test matrix expected {expected:.4f}, got {got:.4f}. "
-                              f"Hint: {hint}")
+        compare_float(got, circuits.copying_score(matrix), ex, hint, f"a {tuple(matrix.shape)} test matrix")
     passed(ex)
 
 
@@ -335,12 +338,5 @@ def check_fraction_ordered(fn: Callable) -> None:
              torch.tensor([[0.0, 1.0, 1.0], [2.0, 0.0, 3.0]])]
     for scores in cases:
         got = call_learner(fn, ex, scores.clone(), hint=hint)
-        if isinstance(got, Tensor) and got.numel() == 1:
-            got = got.item()
-        if not isinstance(got, (float, int)):
-            raise CheckFailed(f"{ex}: expected a float, got {type(got).__name__}. Hint: {hint}")
-        expected = circuits.fraction_ordered(scores)
-        if not math.isfinite(got) or abs(got - expected) > 1e-6:
-            raise CheckFailed(f"{ex}: for a {tuple(scores.shape)} test map expected {expected:.4f}, got {got:.4f}. "
-                              f"Hint: {hint}")
+        compare_float(got, circuits.fraction_ordered(scores), ex, hint, f"a {tuple(scores.shape)} test map", atol=1e-6)
     passed(ex)
