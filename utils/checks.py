@@ -340,3 +340,79 @@ def check_fraction_ordered(fn: Callable) -> None:
         got = call_learner(fn, ex, scores.clone(), hint=hint)
         compare_float(got, circuits.fraction_ordered(scores), ex, hint, f"a {tuple(scores.shape)} test map", atol=1e-6)
     passed(ex)
+
+
+# ------------------------------------------------------------------ chapter 05: MLP effective weights
+def check_token_to_neuron(fn: Callable) -> None:
+    from utils import circuits, models
+
+    ex = "Exercise 5.1 (token_to_neuron)"
+    hint = ("follow a token through the head into the MLP: (W_E + W_pos[source_pos]) @ W_V[0, 0] @ W_O[0, 0] "
+            "@ W_in[0]; rows are tokens, columns neurons. No W_U: the ReLU stands between W_in and W_out.")
+    model = models.build_model("addition", seed=int(torch.randint(0, 10_000, ())))
+    with torch.no_grad():
+        for pos in (0, 1):
+            got = call_learner(fn, ex, model, pos, hint=hint)
+            compare_tensors(got, circuits.token_to_neuron(model, pos), f"{ex} at source position {pos}", hint,
+                            atol=1e-3, rtol=1e-3)
+    passed(ex)
+
+
+def check_frequency_power(fn: Callable) -> None:
+    from utils import fourier
+
+    ex = "Exercise 5.2 (frequency_power)"
+    hint = ("torch.fft.rfft(values, dim=0, norm='ortho').abs() ** 2 gives one entry per frequency 0 .. n // 2; "
+            "double the frequencies that stand for a pair (1 .. (n - 1) // 2) so the entries add up to "
+            "(values ** 2).sum(0).")
+    x = torch.arange(128.0)
+    cases = [torch.cos(2 * torch.pi * 3 * x / 128)[:, None], torch.randn(128, 5), torch.randn(9, 3), torch.randn(10)]
+    for values in cases:
+        got = call_learner(fn, ex, values.clone(), hint=hint)
+        compare_tensors(got, fourier.frequency_power(values), f"{ex} on a {tuple(values.shape)} input", hint,
+                        atol=1e-3, rtol=1e-3, what="power")
+    passed(ex)
+
+
+def check_keep_frequencies(fn: Callable) -> None:
+    from utils import fourier
+
+    ex = "Exercise 5.3 (keep_frequencies)"
+    hint = ("take torch.fft.rfft along dim 0, zero every coefficient except the constant (index 0) and the listed "
+            "frequencies, and go back with torch.fft.irfft(..., n=values.shape[0], dim=0).")
+    cases = [(torch.randn(128, 6), [1, 2, 3, 4]), (torch.randn(128, 3), [7]), (torch.randn(12, 2), []),
+             (torch.randn(11, 4), [2, 5])]
+    for values, freqs in cases:
+        got = call_learner(fn, ex, values.clone(), list(freqs), hint=hint)
+        compare_tensors(got, fourier.keep_frequencies(values, freqs), f"{ex} keeping {freqs} of a "
+                        f"{tuple(values.shape)} map", hint, atol=1e-4, rtol=1e-3)
+    passed(ex)
+
+
+# ------------------------------------------------------------------ chapter 06: fibonacci
+def check_attention_on_recent(fn: Callable) -> None:
+    from utils import circuits
+
+    ex = "Exercise 6.1 (attention_on_recent)"
+    hint = ("for query position q add pattern[:, 0, q, q] and pattern[:, 0, q, q - 1] (only the first at q = 0), "
+            "then average over the batch: one number per query position.")
+    for batch, n in [(7, 5), (3, 4)]:
+        scores = torch.randn(batch, 1, n, n).masked_fill(torch.triu(torch.ones(n, n, dtype=torch.bool), 1), -torch.inf)
+        pattern = scores.softmax(-1)
+        got = call_learner(fn, ex, pattern.clone(), hint=hint)
+        compare_tensors(got, circuits.attention_on_recent(pattern), f"{ex} on a {tuple(pattern.shape)} pattern",
+                        hint, what="attention per query position")
+    passed(ex)
+
+
+def check_positional_qk_scores(fn: Callable) -> None:
+    from utils import circuits, models
+
+    ex = "Exercise 6.2 (positional_qk_scores)"
+    hint = ("only the positions: (W_pos @ W_Q[0, 0]) @ (W_pos @ W_K[0, 0]).T / sqrt(d_head); rows are query "
+            "positions, columns key positions, no W_E.")
+    model = models.build_model("fibonacci", seed=int(torch.randint(0, 10_000, ())))
+    with torch.no_grad():
+        got = call_learner(fn, ex, model, hint=hint)
+        compare_tensors(got, circuits.positional_qk_scores(model), ex, hint, atol=1e-4, rtol=1e-3)
+    passed(ex)

@@ -95,3 +95,102 @@ def fraction_ordered(scores: Tensor) -> float:
     later_wins = scores[:, None, :] > scores[:, :, None]  # [row, b, c]: scores[row, c] > scores[row, b]
     pairs = torch.triu(torch.ones(n, n, dtype=torch.bool), diagonal=1)
     return later_wins[:, pairs].float().mean().item()
+
+
+# --------------------------------------------------------------------- MLP effective weights (one-layer models)
+def token_to_neuron(model, source_pos: int, layer: int = 0, head: int = 0) -> Tensor:
+    """Effective weights (W_E + W_pos[source_pos]) W_V W_O W_in, [vocab (token at source_pos), d_mlp].
+
+    Row t is what a token t at `source_pos` adds to every neuron's input (pre-activation)
+    through the head when it receives all of the attention; with attention p it adds p times that.
+    """
+    return (model.W_E + model.W_pos[source_pos]) @ model.W_V[layer, head] @ model.W_O[layer, head] @ model.W_in[layer]
+
+
+def direct_to_neuron(model, pos: int, layer: int = 0) -> Tensor:
+    """Effective weights (W_E + W_pos[pos]) W_in of the skip path, [vocab (token at pos), d_mlp].
+
+    What the query's own token adds to the neuron inputs at its position, around the head.
+    """
+    return (model.W_E + model.W_pos[pos]) @ model.W_in[layer]
+
+
+def neuron_to_logit(model, layer: int = 0) -> Tensor:
+    """Effective weights W_out W_U, [d_mlp, vocab (output logit)]: what each neuron's activation adds to each logit."""
+    return model.W_out[layer] @ model.W_U
+
+
+def neuron_inputs(model, tokens: Tensor, pattern: Tensor, transform=None) -> Tensor:
+    """The MLP's pre-activations rebuilt from the effective weights, [batch, pos, d_mlp].
+
+    For a one-layer model with an MLP, at query position q:
+        b_in + direct_to_neuron(q)[x_q] + sum_h sum_k pattern[h, q, k] token_to_neuron(k, h)[x_k]
+             + (b_V W_O + b_O) W_in
+    pattern: the measured attention, [batch, head, query_pos, key_pos]. `transform`, if given,
+    is applied to every [vocab, d_mlp] map first (e.g. to keep only some frequencies).
+    """
+    transform = transform or (lambda m: m)
+    n_pos = tokens.shape[1]
+    pre = model.b_in[0] + ((model.b_V[0] @ model.W_O[0]).sum(0) + model.b_O[0]) @ model.W_in[0]
+    pre = pre.expand(tokens.shape[0], n_pos, -1).clone()
+    for q in range(n_pos):
+        pre[:, q] += transform(direct_to_neuron(model, q))[tokens[:, q]]
+    for h in range(model.cfg.n_heads):
+        # [batch, key_pos, d_mlp]: what each source token would add with all the attention
+        per_source = torch.stack([transform(token_to_neuron(model, k, head=h))[tokens[:, k]]
+                                  for k in range(n_pos)], dim=1)
+        pre += torch.einsum("bqk,bkn->bqn", pattern[:, h], per_source)
+    return pre
+
+
+def accuracy_with_neuron_inputs(model, tokens: Tensor, targets: Tensor, pre: Tensor, tolerance: int = 0) -> float:
+    """Accuracy (targets != -1) when the MLP's pre-activations are replaced by `pre` [batch, pos, d_mlp].
+
+    A prediction counts as right when it is within `tolerance` of the target (0: exactly right).
+    """
+    def replace(_, hook):
+        return pre
+
+    logits = model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.mlp.hook_pre", replace)])
+    keep = targets != -1
+    return ((logits.argmax(-1)[keep] - targets[keep]).abs() <= tolerance).float().mean().item()
+
+
+def accuracy_keeping_frequencies(model, tokens: Tensor, targets: Tensor, freqs, keep: bool = True,
+                                 tolerance: int = 0) -> float:
+    """Accuracy when every token-to-neuron map keeps only the frequencies `freqs` (the constant
+    part always stays), with the measured attention; with keep=False those frequencies are removed instead."""
+    from utils import fourier
+
+    _, cache = model.run_with_cache(tokens, names_filter="blocks.0.attn.hook_pattern")
+    freqs = list(freqs)
+    if keep:
+        transform = lambda m: fourier.keep_frequencies(m, freqs)  # noqa: E731
+    else:
+        transform = lambda m: fourier.remove_frequencies(m, freqs)  # noqa: E731
+    pre = neuron_inputs(model, tokens, cache["pattern", 0], transform)
+    return accuracy_with_neuron_inputs(model, tokens, targets, pre, tolerance)
+
+
+# --------------------------------------------------------------------- positions in the fibonacci model
+def positional_qk_scores(model, layer: int = 0, head: int = 0) -> Tensor:
+    """Position-only QK circuit W_pos W_Q W_K^T W_pos^T / sqrt(d_head), [query_pos, key_pos].
+
+    The part of every attention score that depends on the two positions and not on the tokens.
+    Entries above the diagonal (keys after the query) are never used.
+    """
+    queries = model.W_pos @ model.W_Q[layer, head]
+    keys = model.W_pos @ model.W_K[layer, head]
+    return queries @ keys.T / model.cfg.d_head**0.5
+
+
+def attention_on_recent(pattern: Tensor, window: int = 2, head: int = 0) -> Tensor:
+    """Mean attention each query position puts on itself and the window - 1 positions before it, [query_pos].
+
+    pattern: [batch, head, query_pos, key_pos]; the mean is over the batch.
+    """
+    n = pattern.shape[-1]
+    q = torch.arange(n)[:, None]
+    k = torch.arange(n)[None, :]
+    recent = (k <= q) & (k > q - window)
+    return (pattern[:, head] * recent).sum(-1).mean(0)

@@ -113,3 +113,30 @@ def logits(values: Tensor, title: str, highlight: int | None = None) -> go.Figur
     fig = go.Figure(go.Bar(x=list(range(len(v))), y=v, marker_color=colors))
     fig.update_layout(**_LAYOUT, title=title, xaxis_title="output token", yaxis_title="logit", width=640, height=320)
     return fig
+
+
+def lines(curves: dict[str, Tensor], x_label: str, y_label: str, title: str, x: Sequence | None = None) -> go.Figure:
+    """One line per named curve, all against the same x (default 0, 1, 2, ...)."""
+    fig = go.Figure()
+    for name, values in curves.items():
+        v = _np(values)
+        fig.add_trace(go.Scatter(x=list(range(len(v))) if x is None else list(x), y=v, mode="lines", name=name))
+    fig.update_layout(**_LAYOUT, title=title, xaxis_title=x_label, yaxis_title=y_label, width=680, height=360)
+    return fig
+
+
+def spectrum(fractions: Tensor, title: str, highlight: Sequence[int] = (), n_tokens: int | None = None,
+             y_label: str = "fraction of variance") -> go.Figure:
+    """Bar chart of variance by frequency 1 .. n/2 (entry 0, the constant, is left out), `highlight`ed frequencies in red.
+
+    The hover text gives each frequency's period in tokens (n_tokens / f).
+    """
+    v = _np(fractions)[1:]
+    n_tokens = n_tokens or 2 * (len(v))
+    freqs = list(range(1, len(v) + 1))
+    colors = ["#d62728" if f in set(highlight) else "#1f77b4" for f in freqs]
+    fig = go.Figure(go.Bar(x=freqs, y=v, marker_color=colors,
+                           hovertext=[f"frequency {f}: period {n_tokens / f:.1f} tokens" for f in freqs]))
+    fig.update_layout(**_LAYOUT, title=title, xaxis_title="frequency (cycles over the token values)",
+                      yaxis_title=y_label, width=680, height=340)
+    return fig

@@ -69,3 +69,43 @@ def qk_explorer(model, tokens: tuple[int, ...] = (12, 3, 40, 7, 39, 2)):
         control.observe(redraw, names="value")
     redraw()
     return widgets.VBox([widgets.HBox([query, key]), text, out])
+
+
+def neuron_explorer(model, neuron: int = 0):
+    """Scrub through the MLP neurons of a one-layer model with an MLP.
+
+    For the chosen neuron: its input curve (what each token at each source position adds to the
+    neuron's pre-activation with all the attention, from token_to_neuron), the spectrum of those
+    curves with the dominant frequency marked, and what the neuron writes to every output logit
+    (neuron_to_logit).
+    """
+    import ipywidgets as widgets
+    from IPython.display import clear_output, display
+
+    from utils import fourier
+
+    with torch.no_grad():
+        maps = torch.stack([circuits.token_to_neuron(model, k) for k in range(model.cfg.n_ctx)])  # [pos, vocab, d_mlp]
+        out_map = circuits.neuron_to_logit(model)  # [d_mlp, vocab]
+    d_mlp = maps.shape[-1]
+    slider = widgets.IntSlider(value=neuron, min=0, max=d_mlp - 1, description="neuron", continuous_update=False)
+    out = widgets.Output()
+
+    def redraw(_=None) -> None:
+        n = slider.value
+        curves = maps[:, :, n].T  # [vocab, pos]
+        fractions = fourier.variance_fractions(curves)
+        top = int(fractions.argmax())
+        with out:
+            clear_output(wait=True)
+            print(f"neuron {n}: frequency {top} (period {curves.shape[0] / top:.1f} tokens) explains "
+                  f"{fractions[top]:.0%} of its input curves' variance")
+            display(plots.lines({f"token at position {k}": curves[:, k] for k in range(curves.shape[1])},
+                                "token value", "added to the neuron's input", f"Neuron {n}: input curve"))
+            display(plots.spectrum(fractions, f"Neuron {n}: spectrum of its input curves", highlight=[top]))
+            display(plots.lines({"logit": out_map[n]}, "output token", "added to the logit per unit of activation",
+                                f"Neuron {n}: what it writes to the logits"))
+
+    slider.observe(redraw, names="value")
+    redraw()
+    return widgets.VBox([slider, out])
