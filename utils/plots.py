@@ -75,15 +75,27 @@ def accuracy_by_length(accuracies: dict[int, float], title: str = "Accuracy by l
     return fig
 
 
-def addition_grid(correct: Tensor, max_sum: int = 127, title: str = "Which sums the model gets right") -> go.Figure:
-    """Map over (a, b): 1 = correct, 0 = wrong, blank where a + b > max_sum. `correct` is [n_pairs] in addition_pairs order."""
+def _pair_grid(values: Tensor, max_sum: int) -> Tensor:
+    """[max_sum + 1, max_sum + 1] grid over (a, b) from per-pair values in addition_pairs order; NaN where a + b > max_sum."""
     grid = torch.full((max_sum + 1, max_sum + 1), float("nan"))
     a, b = torch.meshgrid(torch.arange(max_sum + 1), torch.arange(max_sum + 1), indexing="ij")
-    keep = (a + b) <= max_sum
-    grid[keep] = correct.float()
-    fig = px.imshow(_np(grid), origin="lower", zmin=0, zmax=1, color_continuous_scale=[[0, "#d62728"], [1, "#2ca02c"]],
+    grid[(a + b) <= max_sum] = values.float()
+    return grid
+
+
+def addition_grid(correct: Tensor, max_sum: int = 127, title: str = "Which sums the model gets right") -> go.Figure:
+    """Map over (a, b): 1 = correct, 0 = wrong, blank where a + b > max_sum. `correct` is [n_pairs] in addition_pairs order."""
+    fig = px.imshow(_np(_pair_grid(correct, max_sum)), origin="lower", zmin=0, zmax=1,
+                    color_continuous_scale=[[0, "#d62728"], [1, "#2ca02c"]],
                     labels=dict(x="b (second token)", y="a (first token)", color="correct"), title=title)
     return fig.update_layout(**_LAYOUT, width=520, height=480)
+
+
+def pair_map(values: Tensor, title: str, color_label: str, max_sum: int = 127) -> go.Figure:
+    """Map of one number per addition pair over (a, b), blank where a + b > max_sum; `values` in addition_pairs order."""
+    fig = px.imshow(_np(_pair_grid(values, max_sum)), origin="lower", color_continuous_scale="Viridis",
+                    labels=dict(x="b (second token)", y="a (first token)", color=color_label), title=title)
+    return fig.update_layout(**_LAYOUT, width=560, height=480)
 
 
 def heatmap(values: Tensor, x_label: str, y_label: str, title: str, color_label: str = "value",
@@ -139,4 +151,12 @@ def spectrum(fractions: Tensor, title: str, highlight: Sequence[int] = (), n_tok
                            hovertext=[f"frequency {f}: period {n_tokens / f:.1f} tokens" for f in freqs]))
     fig.update_layout(**_LAYOUT, title=title, xaxis_title="frequency (cycles over the token values)",
                       yaxis_title=y_label, width=680, height=340)
+    return fig
+
+
+def grouped_bars(groups: dict[str, dict[str, float]], x_label: str, y_label: str, title: str) -> go.Figure:
+    """Bars side by side: one colour per group (e.g. per model), one position per shared key."""
+    fig = go.Figure([go.Bar(name=name, x=list(values), y=list(values.values())) for name, values in groups.items()])
+    fig.update_layout(**_LAYOUT, barmode="group", title=title, xaxis_title=x_label, yaxis_title=y_label,
+                      width=680, height=380)
     return fig
