@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from utils import checks, circuits, models, tasks, train
+from utils import checks, circuits, fourier, models, tasks, train
 from utils.checks import CheckFailed
 
 IGNORE = tasks.IGNORE
@@ -37,6 +37,11 @@ CHECKS = {
     "copying_score": (checks.check_copying_score, circuits.copying_score, "Exercise 3.3"),
     "positional_qk_circuit": (checks.check_positional_qk_circuit, circuits.full_qk_positional, "Exercise 4.1"),
     "fraction_ordered": (checks.check_fraction_ordered, circuits.fraction_ordered, "Exercise 4.2"),
+    "token_to_neuron": (checks.check_token_to_neuron, circuits.token_to_neuron, "Exercise 5.1"),
+    "frequency_power": (checks.check_frequency_power, fourier.frequency_power, "Exercise 5.2"),
+    "keep_frequencies": (checks.check_keep_frequencies, fourier.keep_frequencies, "Exercise 5.3"),
+    "attention_on_recent": (checks.check_attention_on_recent, circuits.attention_on_recent, "Exercise 6.1"),
+    "positional_qk_scores": (checks.check_positional_qk_scores, circuits.positional_qk_scores, "Exercise 6.2"),
 }
 
 
@@ -437,7 +442,128 @@ def ordered_adjacent_only(scores):
     return (scores[:, 1:] > scores[:, :-1]).float().mean().item()
 
 
+# chapter 05: token_to_neuron(model, source_pos), frequency_power(values), keep_frequencies(values, freqs)
+def t2n_forgets_pos(model, source_pos):
+    return model.W_E @ model.W_V[0, 0] @ model.W_O[0, 0] @ model.W_in[0]
+
+
+def t2n_uses_unembed(model, source_pos):
+    return (model.W_E + model.W_pos[source_pos]) @ model.W_V[0, 0] @ model.W_O[0, 0] @ model.W_U
+
+
+def t2n_transposed(model, source_pos):
+    return circuits.token_to_neuron(model, source_pos).T
+
+
+def t2n_uses_w_out(model, source_pos):
+    return (model.W_E + model.W_pos[source_pos]) @ model.W_V[0, 0] @ model.W_O[0, 0] @ model.W_out[0].T
+
+
+def power_not_doubled(values):
+    return torch.fft.rfft(values, dim=0, norm="ortho").abs() ** 2
+
+
+def power_no_ortho_norm(values):
+    power = torch.fft.rfft(values, dim=0).abs() ** 2
+    power[1:(values.shape[0] + 1) // 2] *= 2
+    return power
+
+
+def power_doubles_nyquist(values):
+    power = torch.fft.rfft(values, dim=0, norm="ortho").abs() ** 2
+    power[1:] *= 2
+    return power
+
+
+def power_abs_not_squared(values):
+    power = torch.fft.rfft(values, dim=0, norm="ortho").abs()
+    power[1:(values.shape[0] + 1) // 2] *= 2
+    return power
+
+
+def _keep(values, freqs, constant=True, length=True):
+    coeffs = torch.fft.rfft(values, dim=0)
+    mask = torch.zeros(coeffs.shape[0], dtype=torch.bool)
+    mask[list(freqs)] = True
+    mask[0] = constant
+    coeffs = coeffs * mask.reshape((-1,) + (1,) * (values.dim() - 1))
+    return torch.fft.irfft(coeffs, n=values.shape[0], dim=0) if length else torch.fft.irfft(coeffs, dim=0)
+
+
+def keep_irfft_without_n(values, freqs):
+    return _keep(values, freqs, length=False)
+
+
+def keep_drops_constant(values, freqs):
+    return _keep(values, freqs, constant=False)
+
+
+def keep_removes_instead(values, freqs):
+    return fourier.remove_frequencies(values, freqs)
+
+
+def keep_along_last_axis(values, freqs):
+    return _keep(values.T, freqs).T if values.dim() == 2 else _keep(values, freqs)
+
+
+# chapter 06: attention_on_recent(pattern), positional_qk_scores(model)
+def recent_only_self(pattern):
+    return pattern[:, 0].diagonal(dim1=-2, dim2=-1).mean(0)
+
+
+def recent_window_of_three(pattern):
+    return circuits.attention_on_recent(pattern, window=3)
+
+
+def recent_sum_over_batch(pattern):
+    return circuits.attention_on_recent(pattern) * pattern.shape[0]
+
+
+def recent_previous_only(pattern):
+    n = pattern.shape[-1]
+    prev = torch.zeros(pattern.shape[0], n)
+    prev[:, 1:] = pattern[:, 0].diagonal(offset=-1, dim1=-2, dim2=-1)
+    return prev.mean(0)
+
+
+def posqk_no_scale(model):
+    return circuits.positional_qk_scores(model) * model.cfg.d_head**0.5
+
+
+def posqk_with_mean_embedding(model):
+    x = model.W_pos + model.W_E.mean(0)
+    return x @ model.W_Q[0, 0] @ model.W_K[0, 0].T @ x.T / model.cfg.d_head**0.5
+
+
+def posqk_transposed(model):
+    return circuits.positional_qk_scores(model).T
+
+
+def posqk_token_circuit(model):
+    return circuits.full_qk_positional(model, 0, 0)  # [vocab, vocab]: tokens, not positions
+
+
 MISTAKES = [
+    ("token_to_neuron", t2n_forgets_pos),
+    ("token_to_neuron", t2n_uses_unembed),
+    ("token_to_neuron", t2n_transposed),
+    ("token_to_neuron", t2n_uses_w_out),
+    ("frequency_power", power_not_doubled),
+    ("frequency_power", power_no_ortho_norm),
+    ("frequency_power", power_doubles_nyquist),
+    ("frequency_power", power_abs_not_squared),
+    ("keep_frequencies", keep_irfft_without_n),
+    ("keep_frequencies", keep_drops_constant),
+    ("keep_frequencies", keep_removes_instead),
+    ("keep_frequencies", keep_along_last_axis),
+    ("attention_on_recent", recent_only_self),
+    ("attention_on_recent", recent_window_of_three),
+    ("attention_on_recent", recent_sum_over_batch),
+    ("attention_on_recent", recent_previous_only),
+    ("positional_qk_scores", posqk_no_scale),
+    ("positional_qk_scores", posqk_with_mean_embedding),
+    ("positional_qk_scores", posqk_transposed),
+    ("positional_qk_scores", posqk_token_circuit),
     ("positional_qk_circuit", pos_qk_forgets_positions),
     ("positional_qk_circuit", pos_qk_query_position_on_both),
     ("positional_qk_circuit", pos_qk_no_scale),
@@ -651,3 +777,110 @@ def test_render_traceback_of_a_real_failure():
         checks.check_max_of_list_targets(max_no_ignore)
     (line,) = excinfo.value._render_traceback_()
     assert str(excinfo.value) in line and "\n" not in line
+
+
+# ------------------------------------------------------------------ chapters 05-06: more on the new checkers
+# Correct solutions written differently from the reference must pass too (float32 instead of float64,
+# another multiplication order, einsum, explicit loops), whatever random inputs the checker draws.
+def t2n_other_order(model, source_pos):
+    through = model.W_V[0, 0] @ (model.W_O[0, 0] @ model.W_in[0])
+    return model.W_E @ through + model.W_pos[source_pos] @ through
+
+
+def power_float32_by_mask(values):
+    n = values.shape[0]
+    power = torch.fft.rfft(values.float(), dim=0, norm="ortho").abs().square()
+    freqs = torch.arange(n // 2 + 1)
+    pair = (freqs > 0) & (2 * freqs != n)
+    return power * torch.where(pair, 2.0, 1.0).reshape((-1,) + (1,) * (values.dim() - 1))
+
+
+def power_explicit_projection(values):
+    n = values.shape[0]
+    x = torch.arange(n, dtype=torch.float64)
+    rows = [values.double().sum(0) ** 2 / n]
+    for f in range(1, n // 2 + 1):
+        c, s = torch.cos(2 * math.pi * f * x / n), torch.sin(2 * math.pi * f * x / n)
+        rows.append(sum((b @ values.double()) ** 2 / (b @ b) for b in (c, s) if (b @ b) > 1e-9))
+    return torch.stack(rows).float()
+
+
+def keep_ortho_in_place(values, freqs):
+    coeffs = torch.fft.rfft(values, dim=0, norm="ortho")
+    drop = torch.ones(coeffs.shape[0], dtype=torch.bool)
+    drop[[0, *freqs]] = False
+    coeffs[drop] = 0
+    return torch.fft.irfft(coeffs, n=values.shape[0], dim=0, norm="ortho")
+
+
+def recent_loop(pattern):
+    n = pattern.shape[-1]
+    out = torch.zeros(n)
+    for q in range(n):
+        out[q] = pattern[:, 0, q, max(q - 1, 0):q + 1].sum(-1).mean()
+    return out
+
+
+def posqk_einsum(model):
+    q = torch.einsum("pm,mh->ph", model.W_pos, model.W_Q[0, 0])
+    k = torch.einsum("pm,mh->ph", model.W_pos, model.W_K[0, 0])
+    return torch.einsum("ph,kh->pk", q, k) / math.sqrt(model.cfg.d_head)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("check_name, solution", [
+    ("token_to_neuron", t2n_other_order),
+    ("frequency_power", power_float32_by_mask),
+    ("frequency_power", power_explicit_projection),
+    ("keep_frequencies", keep_ortho_in_place),
+    ("attention_on_recent", recent_loop),
+    ("positional_qk_scores", posqk_einsum),
+], ids=lambda x: getattr(x, "__name__", x))
+def test_equivalent_solutions_pass(check_name, solution, seed, capsys):
+    torch.manual_seed(seed)
+    check, _, label = CHECKS[check_name]
+    check(solution)
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("✓") and label in out[0], out
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("check_name, mistake", [
+    ("token_to_neuron", t2n_forgets_pos),
+    ("frequency_power", power_doubles_nyquist),
+    ("keep_frequencies", keep_drops_constant),
+    ("attention_on_recent", recent_window_of_three),
+    ("positional_qk_scores", posqk_with_mean_embedding),
+], ids=lambda x: getattr(x, "__name__", x))
+def test_subtle_mistakes_rejected_for_other_seeds(check_name, mistake, seed):
+    torch.manual_seed(seed)
+    assert "Hint" in _fails(check_name, mistake)
+
+
+@pytest.mark.parametrize("check_name, fn", [
+    ("token_to_neuron", lambda model, pos: torch.full((128, 128), NAN)),
+    ("frequency_power", lambda values: torch.full((values.shape[0] // 2 + 1,) + values.shape[1:], NAN)),
+    ("keep_frequencies", lambda values, freqs: torch.full_like(values, NAN)),
+    ("attention_on_recent", lambda pattern: torch.full(pattern.shape[-1:], NAN)),
+    ("positional_qk_scores", lambda model: torch.full((5, 5), NAN)),
+])
+def test_nan_result_reported_for_new_checkers(check_name, fn):
+    message = _fails(check_name, fn)
+    assert "NaN" in message and "Hint" in message, message
+
+
+def test_new_checker_messages_are_specific():
+    assert "shape (11, 4), got (10, 4)" in _fails("keep_frequencies", keep_irfft_without_n)
+    assert "shape (5, 5)" in _fails("positional_qk_scores", posqk_token_circuit)
+    assert "source position 0" in _fails("token_to_neuron", t2n_forgets_pos)
+    assert "(64, 0)" in _fails("frequency_power", power_doubles_nyquist)  # the Nyquist entry of a 128-token input
+    assert "IndexError" in _fails("keep_frequencies", keep_along_last_axis)
+
+
+@pytest.mark.parametrize("check_name, fn", [
+    ("frequency_power", lambda values: torch.fft.rfft(values, dim=0, norm="ortho").abs().square().tolist()),
+    ("attention_on_recent", lambda pattern: circuits.attention_on_recent(pattern).tolist()),
+    ("positional_qk_scores", lambda model: circuits.positional_qk_scores(model).tolist()),
+])
+def test_new_checkers_reject_lists(check_name, fn):
+    assert "got list" in _fails(check_name, fn)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from utils import circuits, models
+from utils import circuits, fourier, models, tasks
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +93,242 @@ def test_explorer_parses_lists_and_rejects_bad_input(model):
     text = box.children[1]
     text.value = "1, 2, 99"  # out of range: the explorer says so instead of raising
     text.value = "5, 9"
+
+
+# ===================================================================== chapters 05-06: MLP effective weights
+# On the shipped addition and fibonacci checkpoints (one layer, one head, an MLP of 128 neurons).
+
+
+def _with_cache(name: str, tokens: torch.Tensor, targets: torch.Tensor):
+    """The shipped model, its data and a cache of the attention pattern and the MLP pre-activations."""
+    model = models.load_model(name)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=["blocks.0.attn.hook_pattern", "blocks.0.mlp.hook_pre"])
+    return model, tokens, targets, cache
+
+
+@pytest.fixture(scope="module")
+def addition():
+    return _with_cache("addition", *tasks.addition_pairs())
+
+
+@pytest.fixture(scope="module")
+def fibonacci():
+    return _with_cache("fibonacci", *tasks.fibonacci_sequences())
+
+
+@pytest.mark.parametrize("which", ["addition", "fibonacci"])
+def test_neuron_inputs_rebuild_the_cached_pre_activations(which, request):
+    model, tokens, targets, cache = request.getfixturevalue(which)
+    with torch.no_grad():
+        pre = circuits.neuron_inputs(model, tokens, cache["pattern", 0])
+        assert pre.shape == cache["pre", 0].shape == (tokens.shape[0], tokens.shape[1], model.cfg.d_mlp)
+        assert (pre - cache["pre", 0]).abs().max().item() < 1e-3
+        assert circuits.accuracy_with_neuron_inputs(model, tokens, targets, pre) == 1.0
+        # the identity transform changes nothing
+        same = circuits.neuron_inputs(model, tokens, cache["pattern", 0], transform=lambda m: m)
+        torch.testing.assert_close(same, pre)
+
+
+def test_neuron_inputs_depend_on_the_pattern(addition):
+    """A wrong pattern gives other pre-activations: the rebuild really uses the attention it is given."""
+    model, tokens, targets, cache = addition
+    pattern = cache["pattern", 0]
+    flipped = torch.zeros_like(pattern)
+    flipped[..., 0] = 1.0  # every query attends only to position 0
+    with torch.no_grad():
+        pre = circuits.neuron_inputs(model, tokens, flipped)
+        assert (pre - cache["pre", 0])[:, 1].abs().max().item() > 1.0
+        torch.testing.assert_close(pre[:, 0], cache["pre", 0][:, 0], atol=1e-3, rtol=1e-4)  # q = 0 sees only key 0 anyway
+        assert circuits.accuracy_with_neuron_inputs(model, tokens, targets, pre) < 0.5
+
+
+def test_accuracy_with_zeroed_neuron_inputs_is_low(addition):
+    model, tokens, targets, cache = addition
+    with torch.no_grad():
+        acc = circuits.accuracy_with_neuron_inputs(model, tokens, targets, torch.zeros_like(cache["pre", 0]))
+    assert acc < 0.1
+
+
+def test_keeping_every_frequency_keeps_full_accuracy(addition):
+    model, tokens, targets, _ = addition
+    with torch.no_grad():
+        assert circuits.accuracy_keeping_frequencies(model, tokens, targets, range(1, 65)) == 1.0
+        # removing nothing is the same
+        assert circuits.accuracy_keeping_frequencies(model, tokens, targets, [], keep=False) == 1.0
+
+
+def test_four_key_frequencies_carry_much_but_not_all_of_addition(addition):
+    model, tokens, targets, _ = addition
+    with torch.no_grad():
+        kept = circuits.accuracy_keeping_frequencies(model, tokens, targets, [1, 2, 3, 4])
+        removed = circuits.accuracy_keeping_frequencies(model, tokens, targets, [1, 2, 3, 4], keep=False)
+        kept_tol = circuits.accuracy_keeping_frequencies(model, tokens, targets, [1, 2, 3, 4], tolerance=2)
+    chance = 1 / model.cfg.d_vocab
+    assert 0.2 < kept < 0.7, kept
+    assert kept > 10 * chance
+    assert removed < 0.05, removed
+    assert kept_tol > kept, (kept_tol, kept)
+    assert kept_tol <= 1.0
+
+
+def test_tolerance_counts_near_misses(addition):
+    """tolerance=t accepts predictions within t of the target: accuracy never decreases with t."""
+    model, tokens, targets, cache = addition
+    with torch.no_grad():
+        pre = circuits.neuron_inputs(model, tokens, cache["pattern", 0], lambda m: fourier.keep_frequencies(m, [1, 2]))
+        accs = [circuits.accuracy_with_neuron_inputs(model, tokens, targets, pre, tolerance=t) for t in (0, 1, 3, 200)]
+    assert accs == sorted(accs)
+    assert accs[0] < accs[2]
+    assert accs[-1] == 1.0  # every prediction is within 200 of the target
+
+
+def test_addition_token_to_neuron_maps_use_four_key_frequencies(addition):
+    model = addition[0]
+    with torch.no_grad():
+        maps = torch.cat([circuits.token_to_neuron(model, 0), circuits.token_to_neuron(model, 1)], dim=1)
+    assert maps.shape == (128, 2 * model.cfg.d_mlp)
+    keys = fourier.key_frequencies(maps, coverage=0.9)
+    assert set(keys) == {1, 2, 3, 4}
+    assert fourier.explained_variance(maps, keys) >= 0.9
+
+
+def test_effective_weight_shapes_and_values(addition):
+    model = addition[0]
+    vocab, d_mlp = model.cfg.d_vocab, model.cfg.d_mlp
+    with torch.no_grad():
+        for pos in (0, 1):
+            t2n = circuits.token_to_neuron(model, pos)
+            assert t2n.shape == (vocab, d_mlp)
+            expected = (model.W_E + model.W_pos[pos]) @ model.W_V[0, 0] @ model.W_O[0, 0] @ model.W_in[0]
+            torch.testing.assert_close(t2n, expected, atol=1e-3, rtol=1e-4)
+            d2n = circuits.direct_to_neuron(model, pos)
+            assert d2n.shape == (vocab, d_mlp)
+            torch.testing.assert_close(d2n, (model.W_E + model.W_pos[pos]) @ model.W_in[0], atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(circuits.token_to_neuron(model, 0), circuits.token_to_neuron(model, 1))
+        n2l = circuits.neuron_to_logit(model)
+        assert n2l.shape == (d_mlp, vocab)
+        torch.testing.assert_close(n2l, model.W_out[0] @ model.W_U, atol=1e-4, rtol=1e-4)
+
+
+def test_token_to_neuron_matches_the_cached_head_output(addition):
+    """With the pattern frozen at all attention on source position k, row x_k of token_to_neuron(k) is what
+    the head adds to the neuron inputs (biases are zero in the shipped models)."""
+    model, tokens, _, cache = addition
+    sample = tokens[:64]
+    with torch.no_grad():
+        _, c = model.run_with_cache(sample, names_filter="blocks.0.attn.hook_z")
+        head_to_neurons = (c["z", 0][:, 1, 0] @ model.W_O[0, 0]) @ model.W_in[0]
+        pattern = cache["pattern", 0][:64, 0, 1]  # [batch, key]: query position 1
+        expected = sum(pattern[:, k, None] * circuits.token_to_neuron(model, k)[sample[:, k]] for k in (0, 1))
+    torch.testing.assert_close(head_to_neurons, expected, atol=1e-3, rtol=1e-3)
+
+
+# --------------------------------------------------------------------- positions in the fibonacci model
+def test_positional_qk_scores_shape_and_formula(fibonacci):
+    model = fibonacci[0]
+    with torch.no_grad():
+        scores = circuits.positional_qk_scores(model)
+        n = model.cfg.n_ctx
+        assert scores.shape == (n, n)
+        expected = model.W_pos @ model.W_Q[0, 0] @ model.W_K[0, 0].T @ model.W_pos.T / model.cfg.d_head**0.5
+        torch.testing.assert_close(scores, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("q", [2, 3, 4])
+def test_fibonacci_positions_favour_the_two_latest_keys(fibonacci, q):
+    model = fibonacci[0]
+    with torch.no_grad():
+        row = circuits.positional_qk_scores(model)[q, :q + 1]
+    assert set(row.topk(2).indices.tolist()) == {q - 1, q}, row
+
+
+def test_attention_on_recent_known_answer():
+    n = 4
+    on_self = torch.eye(n)
+    on_first = torch.zeros(n, n)
+    on_first[:, 0] = 1.0
+    pattern = torch.stack([on_self, on_first])[:, None]  # [batch 2, head 1, q, k]
+    torch.testing.assert_close(circuits.attention_on_recent(pattern), torch.tensor([1.0, 1.0, 0.5, 0.5]))
+    torch.testing.assert_close(circuits.attention_on_recent(pattern, window=1), torch.tensor([1.0, 0.5, 0.5, 0.5]))
+    torch.testing.assert_close(circuits.attention_on_recent(pattern, window=3), torch.tensor([1.0, 1.0, 1.0, 0.5]))
+    # half on the previous position, half on position 0
+    half = 0.5 * on_first
+    half[1:, :] += 0.5 * torch.eye(n)[:-1]  # row q gets 0.5 on key q - 1
+    half[0, 0] = 1.0
+    torch.testing.assert_close(circuits.attention_on_recent(half[None, None]), torch.tensor([1.0, 1.0, 0.5, 0.5]))
+    # the head argument picks the head
+    two_heads = torch.stack([on_self, on_first])[None]  # [batch 1, head 2, q, k]
+    torch.testing.assert_close(circuits.attention_on_recent(two_heads, head=1), torch.tensor([1.0, 1.0, 0.0, 0.0]))
+    torch.testing.assert_close(circuits.attention_on_recent(two_heads, head=0), torch.ones(n))
+
+
+def test_fibonacci_attends_to_the_two_latest_positions(fibonacci):
+    _, _, _, cache = fibonacci
+    recent = circuits.attention_on_recent(cache["pattern", 0])
+    assert recent.shape == (5,)
+    assert (recent[1:] >= 0.75).all(), recent
+    assert (recent <= 1 + 1e-5).all()
+    # much more than a uniform pattern over the keys would give (2 / (q + 1))
+    uniform = torch.tensor([min(2, q + 1) / (q + 1) for q in range(5)])
+    assert (recent[3:] > uniform[3:] + 0.2).all(), recent
+
+
+# --------------------------------------------------------------------- neuron explorer
+def test_neuron_explorer_builds_and_redraws(addition, capsys):
+    import ipywidgets
+
+    from utils import widgets
+
+    model = addition[0]
+    box = widgets.neuron_explorer(model, neuron=3)
+    assert isinstance(box, ipywidgets.VBox)
+    sliders = [c for c in box.children if isinstance(c, ipywidgets.IntSlider)]
+    assert len(sliders) == 1
+    slider = sliders[0]
+    assert (slider.min, slider.max, slider.value) == (0, model.cfg.d_mlp - 1, 3)
+    capsys.readouterr()
+    for neuron in (17, model.cfg.d_mlp - 1):
+        slider.value = neuron  # redraws: outside a kernel the Output widget's text goes to stdout
+        out = capsys.readouterr().out
+        with torch.no_grad():
+            curves = torch.stack([circuits.token_to_neuron(model, k)[:, neuron] for k in range(2)], dim=1)
+        top = int(fourier.variance_fractions(curves).argmax())
+        assert f"neuron {neuron}: frequency {top} " in out, out[:300]
+
+
+@pytest.mark.parametrize("name", ["addition", "fibonacci"])
+def test_neuron_inputs_include_the_biases(name):
+    """The shipped models have every bias at zero; on a random model with non-zero biases the rebuild must
+    still match (b_in, and the head's b_V W_O + b_O pushed through W_in)."""
+    seed = 7
+    state = models.build_model(name, seed=seed).state_dict()
+    g = torch.Generator().manual_seed(seed)
+    for key in state:
+        if key.endswith("bias") and key != "unembed.bias":
+            state[key] = 0.3 * torch.randn(state[key].shape, generator=g)
+    model = models.model_from_state(dict(models.CONFIGS[name], seed=seed), state)
+    tokens = torch.randint(0, model.cfg.d_vocab, (32, model.cfg.n_ctx), generator=g)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens)
+        pre = circuits.neuron_inputs(model, tokens, cache["pattern", 0])
+    assert model.b_in[0].abs().max() > 0.1 and model.b_V[0].abs().max() > 0.1
+    torch.testing.assert_close(pre, cache["pre", 0], atol=1e-3, rtol=1e-4)
+
+
+def test_neuron_inputs_transform_reaches_every_map(addition):
+    """`transform` is applied to every [vocab, d_mlp] map, the direct (skip) path included: the neuron
+    inputs are linear in the maps, so doubling every map doubles them and zeroing them leaves only the
+    biases (all zero in the shipped model)."""
+    model, tokens, _, cache = addition
+    sample, pattern = tokens[::16], cache["pattern", 0][::16]
+    assert all(b.abs().max() == 0 for b in (model.b_in[0], model.b_V[0], model.b_O[0]))
+    with torch.no_grad():
+        doubled = circuits.neuron_inputs(model, sample, pattern, transform=lambda m: 2 * m)
+        zeroed = circuits.neuron_inputs(model, sample, pattern, transform=torch.zeros_like)
+        seen = []
+        circuits.neuron_inputs(model, sample, pattern, transform=lambda m: seen.append(tuple(m.shape)) or m)
+    torch.testing.assert_close(doubled, 2 * cache["pre", 0][::16], atol=2e-3, rtol=1e-4)
+    assert zeroed.abs().max().item() == 0
+    # one direct map per query position and one head map per source position
+    assert seen == [(model.cfg.d_vocab, model.cfg.d_mlp)] * (2 * model.cfg.n_ctx)

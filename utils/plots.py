@@ -127,13 +127,17 @@ def logits(values: Tensor, title: str, highlight: int | None = None) -> go.Figur
     return fig
 
 
-def lines(curves: dict[str, Tensor], x_label: str, y_label: str, title: str, x: Sequence | None = None) -> go.Figure:
-    """One line per named curve, all against the same x (default 0, 1, 2, ...)."""
+def lines(curves: dict[str, Tensor], x_label: str, y_label: str, title: str, x: Sequence | None = None,
+          log_x: bool = False) -> go.Figure:
+    """One line per named curve, all against the same x (default 0, 1, 2, ...); given x values get markers."""
     fig = go.Figure()
     for name, values in curves.items():
         v = _np(values)
-        fig.add_trace(go.Scatter(x=list(range(len(v))) if x is None else list(x), y=v, mode="lines", name=name))
+        fig.add_trace(go.Scatter(x=list(range(len(v))) if x is None else list(x), y=v, name=name,
+                                 mode="lines" if x is None else "lines+markers"))
     fig.update_layout(**_LAYOUT, title=title, xaxis_title=x_label, yaxis_title=y_label, width=680, height=360)
+    if log_x:
+        fig.update_xaxes(type="log", tickvals=list(x) if x is not None else None)
     return fig
 
 

@@ -94,15 +94,18 @@ def neuron_explorer(model, neuron: int = 0):
     def redraw(_=None) -> None:
         n = slider.value
         curves = maps[:, :, n].T  # [vocab, pos]
-        fractions = fourier.variance_fractions(curves)
+        fractions = fourier.variance_fractions(curves).nan_to_num(0.0)  # NaN for a flat curve
         top = int(fractions.argmax())
         with out:
             clear_output(wait=True)
-            print(f"neuron {n}: frequency {top} (period {curves.shape[0] / top:.1f} tokens) explains "
-                  f"{fractions[top]:.0%} of its input curves' variance")
+            if top == 0:
+                print(f"neuron {n}: its input does not depend on the tokens (flat curves, no frequency)")
+            else:
+                print(f"neuron {n}: frequency {top} (period {curves.shape[0] / top:.1f} tokens) explains "
+                      f"{fractions[top]:.0%} of its input curves' variance")
             display(plots.lines({f"token at position {k}": curves[:, k] for k in range(curves.shape[1])},
                                 "token value", "added to the neuron's input", f"Neuron {n}: input curve"))
-            display(plots.spectrum(fractions, f"Neuron {n}: spectrum of its input curves", highlight=[top]))
+            display(plots.spectrum(fractions, f"Neuron {n}: spectrum of its input curves", highlight=[top] if top else []))
             display(plots.lines({"logit": out_map[n]}, "output token", "added to the logit per unit of activation",
                                 f"Neuron {n}: what it writes to the logits"))
 
