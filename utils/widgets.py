@@ -89,6 +89,7 @@ def neuron_explorer(model, neuron: int = 0):
         out_map = circuits.neuron_to_logit(model)  # [d_mlp, vocab]
     d_mlp = maps.shape[-1]
     slider = widgets.IntSlider(value=neuron, min=0, max=d_mlp - 1, description="neuron", continuous_update=False)
+    summary = widgets.Label()
     out = widgets.Output()
 
     def redraw(_=None) -> None:
@@ -96,13 +97,14 @@ def neuron_explorer(model, neuron: int = 0):
         curves = maps[:, :, n].T  # [vocab, pos]
         fractions = fourier.variance_fractions(curves).nan_to_num(0.0)  # NaN for a flat curve
         top = int(fractions.argmax())
+        # a Label, not print(): text printed into an Output widget can stall a headless run (nbclient, nbval)
+        if top == 0:
+            summary.value = f"neuron {n}: its input does not depend on the tokens (flat curves, no frequency)"
+        else:
+            summary.value = (f"neuron {n}: frequency {top} (period {curves.shape[0] / top:.1f} tokens) explains "
+                             f"{fractions[top]:.0%} of its input curves' variance")
         with out:
             clear_output(wait=True)
-            if top == 0:
-                print(f"neuron {n}: its input does not depend on the tokens (flat curves, no frequency)")
-            else:
-                print(f"neuron {n}: frequency {top} (period {curves.shape[0] / top:.1f} tokens) explains "
-                      f"{fractions[top]:.0%} of its input curves' variance")
             display(plots.lines({f"token at position {k}": curves[:, k] for k in range(curves.shape[1])},
                                 "token value", "added to the neuron's input", f"Neuron {n}: input curve"))
             display(plots.spectrum(fractions, f"Neuron {n}: spectrum of its input curves", highlight=[top] if top else []))
@@ -111,4 +113,4 @@ def neuron_explorer(model, neuron: int = 0):
 
     slider.observe(redraw, names="value")
     redraw()
-    return widgets.VBox([slider, out])
+    return widgets.VBox([slider, summary, out])
