@@ -1,6 +1,7 @@
 # Two commands after cloning:
 #   make lab    set up .venv and open the course in JupyterLab
 #   make test   set up .venv and run every test (unit tests, checkers, notebooks)
+# and, for developers and instructors: make test-browser, make chapters, make bench
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -8,7 +9,7 @@ STAMP  := $(VENV)/.installed
 # JupyterLab refuses to start as root (containers, some cloud machines) unless told to
 LAB_ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-.PHONY: lab test test-fast chapters bench clean
+.PHONY: lab test test-fast test-browser chapters bench clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,14 +21,21 @@ lab: $(STAMP)
 	$(BIN)/jupyter lab $(LAB_ROOT_FLAG) --ServerApp.root_dir=. chapters/00_tour.ipynb
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -m "not browser" tests
 	$(BIN)/python -m pytest -q --nbval-lax --nbval-cell-timeout=600 solutions
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(BIN)/python -m pytest -q -m "not slow and not browser" tests
+
+# every solutions notebook in a real JupyterLab in headless Chromium (Debian's chromium package,
+# installed here when missing; needs root or sudo); screenshots land in screenshots/
+test-browser: $(STAMP)
+	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
+	$(BIN)/python -m pytest -q -m browser tests/test_browser.py
 
 chapters: $(STAMP)
 	$(BIN)/python -m utils.notebooks
+	$(BIN)/python -m utils.binder
 
 bench: $(STAMP)
 	$(BIN)/python -m utils.bench

@@ -128,3 +128,15 @@ def test_max_of_list_screen_agrees_with_evaluate():
     assert screen.could_pass(perfect) and models.meets_target("max_of_list", models.evaluate(perfect, "max_of_list"))
     assert not screen.could_pass(flawed)
     assert not models.meets_target("max_of_list", models.evaluate(flawed, "max_of_list"))
+
+
+def test_report_adds_up_the_whole_course_against_its_target():
+    def result(seconds: list[float]) -> dict:
+        runs = [{"notebook": f"solutions/0{i}_x.ipynb", "passed": True, "seconds": s, "peak_rss": 600 * 2**20,
+                 "ok": True, "error": None} for i, s in enumerate(seconds)]
+        return {"env": {}, "training": [], "bench_peak_rss": None, "notebooks": {"source": "solutions/", "results": runs}}
+
+    [quick] = [line for line in bench.format_report(result([40.0, 50.0])).splitlines() if line.startswith("whole course")]
+    assert "90.0" in quick and quick.split()[-1] == "ok"
+    [slow] = [line for line in bench.format_report(result([200.0, 150.0])).splitlines() if line.startswith("whole course")]
+    assert "350.0" in slow and slow.split()[-1] == "OVER"

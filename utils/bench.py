@@ -41,6 +41,7 @@ TRAIN_TARGET_SECONDS = {"max_of_list": 20.0, "addition": 60.0, "fibonacci": 90.0
 RATIO_TARGET = 1.2
 NOTEBOOK_TARGET_SECONDS = 60.0
 NOTEBOOK_TARGET_RSS = 1024**3  # 1 GB
+COURSE_TARGET_SECONDS = 300.0  # every solutions notebook, one after the other (Binder, 2 cores)
 EVALUATIONS_PER_RUN = 60  # K = max(10, steps // EVALUATIONS_PER_RUN) unless --eval-every
 PAIRED_STEPS = 60  # steps of each implementation in the alternating per-step comparison
 
@@ -551,6 +552,10 @@ def format_report(result: dict) -> str:
             rows.append([_show_path(r["notebook"]), "pass" if r["passed"] else "FAIL",
                          "-" if r["seconds"] is None else f"{r['seconds']:.1f}", _mb(r["peak_rss"]),
                          f"pass, <= {NOTEBOOK_TARGET_SECONDS:.0f} s, <= 1 GB", "ok" if r.get("ok") else "OVER"])
+        total = sum(r["seconds"] or 0.0 for r in nbs["results"])
+        rows.append(["whole course", "pass" if all(r["passed"] for r in nbs["results"]) else "FAIL", f"{total:.1f}",
+                     _mb(max((r["peak_rss"] or 0) for r in nbs["results"])),
+                     f"<= {COURSE_TARGET_SECONDS / 60:.0f} min in all", "ok" if total <= COURSE_TARGET_SECONDS else "OVER"])
         out += _table(rows)
         for r in nbs["results"]:
             if r["error"]:
