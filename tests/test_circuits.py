@@ -332,3 +332,56 @@ def test_neuron_inputs_transform_reaches_every_map(addition):
     assert zeroed.abs().max().item() == 0
     # one direct map per query position and one head map per source position
     assert seen == [(model.cfg.d_vocab, model.cfg.d_mlp)] * (2 * model.cfg.n_ctx)
+
+
+# ===================================================================== chapter 07: paths
+def test_one_layer_path_expansion_adds_up_to_the_logits():
+    model = models.load_model("max_of_list")
+    tokens = torch.randint(0, 64, (256, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens)
+        terms = circuits.one_layer_path_logits(model, tokens, cache["pattern", 0])
+    assert set(terms) == {"direct", "head 0"}
+    assert (sum(terms.values()) - logits).abs().max() < 1e-3
+    assert (terms["head 0"] - logits).abs().max() > 1.0  # the direct path matters, so dropping it shows
+
+
+def test_head_pieces_and_the_naive_path_sum_on_addition(addition):
+    model, tokens, targets, _ = addition
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens)
+        pieces = circuits.head_pieces(model, cache)
+        naive = circuits.naive_path_logits(model, cache)
+        x = cache["hook_embed"] + cache["hook_pos_embed"]
+        mlp_whole = circuits.mlp_output(model, x + cache["attn_out", 0])
+    assert pieces.shape == (2, len(tokens), 2, model.cfg.d_model)
+    assert (pieces.sum(0) - cache["attn_out", 0]).abs().max() < 1e-3
+    assert (mlp_whole - cache["mlp_out", 0]).abs().max() < 1e-3  # the MLP on its whole input: exact
+    naive_accuracy = (naive[:, 1].argmax(-1) == targets[:, 1]).float().mean().item()
+    assert naive_accuracy < 0.2  # splitting the MLP over its inputs' paths breaks addition
+
+
+def test_memory_management_cosines_known_answers():
+    state = models.build_model("addition", seed=0).state_dict()
+    # nn.Linear stores [out, in]: neuron n reads row n of mlp.in.weight and writes column n of mlp.out.weight
+    state["blocks.0.mlp.out.weight"][:, 0] = -3 * state["blocks.0.mlp.in.weight"][0]
+    state["blocks.0.mlp.out.weight"][:, 1] = state["blocks.0.mlp.in.weight"][1]
+    model = models.model_from_state(dict(models.CONFIGS["addition"], seed=0), state)
+    with torch.no_grad():
+        cosines = circuits.memory_management_cosines(model)
+    assert cosines.shape == (model.cfg.d_mlp,)
+    assert torch.isclose(cosines[0], torch.tensor(-1.0), atol=1e-5) and torch.isclose(cosines[1], torch.tensor(1.0), atol=1e-5)
+    assert cosines[2:].abs().max() < 0.5  # random directions in 128 dimensions are nearly orthogonal
+
+
+def test_offsets_and_induction_attention_on_hand_made_patterns():
+    n, half = 8, 4
+    previous = torch.zeros(1, 1, n, n)
+    previous[0, 0, 0, 0] = 1
+    previous[0, 0, torch.arange(1, n), torch.arange(n - 1)] = 1
+    induction = torch.zeros(1, 1, n, n)
+    induction[0, 0, torch.arange(half), torch.arange(half)] = 1
+    induction[0, 0, torch.arange(half, n), torch.arange(1, half + 1)] = 1
+    both = torch.cat([previous, induction], dim=1)  # [1, 2 heads, n, n]
+    assert circuits.attention_to_offset(both, 1).tolist() == [1.0, 0.0]
+    assert circuits.induction_attention(both, half).tolist() == [0.0, 1.0]

@@ -417,3 +417,85 @@ def check_positional_qk_scores(fn: Callable) -> None:
         got = call_learner(fn, ex, model, hint=hint)
         compare_tensors(got, circuits.positional_qk_scores(model), ex, hint, atol=1e-4, rtol=1e-3)
     passed(ex)
+
+
+# ------------------------------------------------------------------ chapter 07: paths through the residual stream
+def check_one_layer_path_logits(fn: Callable) -> None:
+    from utils import circuits
+
+    ex = "Exercise 7.1 (one_layer_path_logits)"
+    hint = ("direct = (W_E[tokens] + W_pos[:n]) @ W_U; head = einsum('bqk,bkd->bqd', pattern[:, 0], embedded @ W_V[0, 0]) "
+            "@ W_O[0, 0] @ W_U. Return the two as a tuple (direct, head), each [batch, pos, vocab].")
+    model = _random_max_of_list_model()
+    tokens = torch.randint(0, model.cfg.d_vocab, (5, model.cfg.n_ctx))
+    pattern = torch.rand(5, 1, model.cfg.n_ctx, model.cfg.n_ctx).tril().softmax(-1)  # any pattern: the expansion is linear
+    with torch.no_grad():
+        got = call_learner(fn, ex, model, tokens, pattern, hint=hint)
+        if not (isinstance(got, tuple) and len(got) == 2):
+            raise CheckFailed(f"{ex}: expected a tuple (direct, head), got {type(got).__name__}. Hint: {hint}")
+        expected = circuits.one_layer_path_logits(model, tokens, pattern)
+        compare_tensors(got[0], expected["direct"], ex, hint, atol=1e-3, rtol=1e-3, what="direct path")
+        compare_tensors(got[1], expected["head 0"], ex, hint, atol=1e-3, rtol=1e-3, what="head path")
+    passed(ex)
+
+
+def check_naive_path_logits(fn: Callable) -> None:
+    from utils import circuits, models
+
+    ex = "Exercise 7.2 (naive_path_logits)"
+    hint = ("x = embed + pos_embed; pieces = circuits.head_pieces(model, cache) (one per source position); add x, "
+            "every piece, mlp_output(x) and mlp_output(piece) for every piece separately, then @ W_U + b_U.")
+    model = models.build_model("addition", seed=int(torch.randint(0, 10_000, ())))
+    tokens = torch.randint(0, model.cfg.d_vocab, (16, model.cfg.n_ctx))
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens)
+        got = call_learner(fn, ex, model, cache, hint=hint)
+        compare_tensors(got, circuits.naive_path_logits(model, cache), ex, hint, atol=1e-3, rtol=1e-3, what="logits")
+    passed(ex)
+
+
+def check_memory_management_cosines(fn: Callable) -> None:
+    from utils import circuits, models
+
+    ex = "Exercise 7.3 (memory_management_cosines)"
+    hint = ("neuron n reads along W_in[0][:, n] (a column) and writes along W_out[0][n, :] (a row); "
+            "torch.nn.functional.cosine_similarity(W_in[0].T, W_out[0], dim=-1) gives all of them.")
+    seed = int(torch.randint(0, 10_000, ()))
+    state = models.build_model("addition", seed=seed).state_dict()
+    n = models.CONFIGS["addition"]["d_mlp"]
+    # half the neurons erase what they read (nn.Linear stores [out, in], so neuron k is row k of
+    # mlp.in.weight and column k of mlp.out.weight)
+    state["blocks.0.mlp.out.weight"][:, : n // 2] = -state["blocks.0.mlp.in.weight"][: n // 2].T
+    model = models.model_from_state(dict(models.CONFIGS["addition"], seed=seed), state)
+    with torch.no_grad():
+        got = call_learner(fn, ex, model, hint=hint)
+        compare_tensors(got, circuits.memory_management_cosines(model), ex, hint, atol=1e-4, what="cosines")
+    passed(ex)
+
+
+def check_induction_attention(fn: Callable) -> None:
+    from utils import circuits
+
+    ex = "Exercise 7.4 (induction_attention)"
+    hint = ("for every query q in the second copy (q >= half), take pattern[:, :, q, q - half + 1] and average "
+            "over the batch and those queries: one number per head.")
+    for batch, heads, half in [(6, 2, 4), (3, 3, 5)]:
+        n = 2 * half
+        scores = torch.randn(batch, heads, n, n).masked_fill(torch.triu(torch.ones(n, n, dtype=torch.bool), 1), -torch.inf)
+        pattern = scores.softmax(-1)
+        got = call_learner(fn, ex, pattern.clone(), half, hint=hint)
+        compare_tensors(got, circuits.induction_attention(pattern, half), f"{ex} with half={half}", hint,
+                        what="attention per head")
+    passed(ex)
+
+
+def check_composition_score(fn: Callable) -> None:
+    ex = "Exercise 7.5 (composition_score)"
+    hint = "||A @ B||_F / (||A||_F * ||B||_F): torch.linalg.matrix_norm is the Frobenius norm by default."
+    cases = [(torch.eye(4), torch.eye(4)), (torch.randn(6, 3), torch.randn(3, 6)),
+             (torch.randn(5, 5), torch.randn(5, 5)), (torch.tensor([[1.0, 0.0]]).T, torch.tensor([[0.0, 1.0]]))]
+    for a, b in cases:
+        expected = (torch.linalg.matrix_norm(a @ b) / (torch.linalg.matrix_norm(a) * torch.linalg.matrix_norm(b))).item()
+        got = call_learner(fn, ex, a.clone(), b.clone(), hint=hint)
+        compare_float(got, expected, ex, hint, f"a {tuple(a.shape)} @ {tuple(b.shape)} product", atol=1e-5)
+    passed(ex)

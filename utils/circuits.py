@@ -194,3 +194,104 @@ def attention_on_recent(pattern: Tensor, window: int = 2, head: int = 0) -> Tens
     k = torch.arange(n)[None, :]
     recent = (k <= q) & (k > q - window)
     return (pattern[:, head] * recent).sum(-1).mean(0)
+
+
+# --------------------------------------------------------------------- paths through the residual stream
+def mlp_output(model, resid: Tensor, layer: int = 0) -> Tensor:
+    """The layer's MLP applied to any residual-stream vectors: relu(resid W_in + b_in) W_out + b_out, [..., d_model]."""
+    hidden = torch.relu(resid @ model.W_in[layer] + model.b_in[layer])
+    return hidden @ model.W_out[layer] + model.b_out[layer]
+
+
+def one_layer_path_logits(model, tokens: Tensor, pattern: Tensor) -> dict[str, Tensor]:
+    """The path expansion of a one-layer attention-only model, each term [batch, pos, vocab].
+
+    "direct": (W_E[x] + W_pos) W_U + b_U; "head h": sum_k pattern[h, q, k] (W_E[x_k] + W_pos[k]) W_V W_O W_U,
+    plus the head's bias terms (b_V W_O + b_O) W_U. With `pattern` the model's own attention, the
+    terms add up to the logits exactly: once the pattern is fixed, every path is linear.
+    """
+    embedded = model.W_E[tokens] + model.W_pos[: tokens.shape[1]]  # [batch, pos, d_model]
+    terms = {"direct": embedded @ model.W_U + model.b_U}
+    for h in range(model.cfg.n_heads):
+        values = embedded @ model.W_V[0, h] + model.b_V[0, h]  # [batch, pos, d_head]
+        mixed = torch.einsum("bqk,bkd->bqd", pattern[:, h], values)
+        terms[f"head {h}"] = (mixed @ model.W_O[0, h]) @ model.W_U
+    terms["direct"] = terms["direct"] + model.b_O[0] @ model.W_U
+    return terms
+
+
+def head_pieces(model, cache, layer: int = 0, head: int = 0) -> Tensor:
+    """A head's output split by source position, [key_pos, batch, query_pos, d_model].
+
+    Piece k is pattern[q, k] (resid_pre[k] W_V + b_V) W_O: what the head carries from position k.
+    The pieces add up to the head's output (b_O aside, which is zero in the course's models).
+    """
+    values = cache["resid_pre", layer] @ model.W_V[layer, head] + model.b_V[layer, head]  # [batch, key, d_head]
+    pattern = cache["pattern", layer][:, head]  # [batch, q, k]
+    return torch.einsum("bqk,bkd->kbqd", pattern, values) @ model.W_O[layer, head]
+
+
+def naive_path_logits(model, cache) -> Tensor:
+    """The *wrong* "sum over paths" of a one-layer model with an MLP, [batch, pos, vocab].
+
+    Every path is followed on its own, the MLP ones too: the skip path x, the head's piece from
+    every source position, the MLP applied to x alone, and the MLP applied to each piece alone,
+    all added before unembedding. That treats MLP(x + sum_k piece_k) as MLP(x) + sum_k MLP(piece_k),
+    which the ReLU makes false; this function exists to measure by how much.
+    """
+    x = cache["hook_embed"] + cache["hook_pos_embed"]
+    pieces = head_pieces(model, cache)
+    through_mlp = mlp_output(model, x) + sum(mlp_output(model, piece) for piece in pieces)
+    return (x + pieces.sum(0) + through_mlp) @ model.W_U + model.b_U
+
+
+def head_output(model, cache, layer: int, head: int) -> Tensor:
+    """What one head adds to the residual stream, z W_O (+ its share of b_O: none, biases are zero), [batch, pos, d_model]."""
+    return cache["z", layer][:, :, head] @ model.W_O[layer, head]
+
+
+def unraveled_head_terms(model, cache, layer: int, head: int) -> dict[str, Tensor]:
+    """A head's output split over the components that wrote its input, with its pattern frozen.
+
+    The head reads resid_pre = embed + pos_embed + the outputs of every earlier head (an
+    attention-only model). With the measured pattern held fixed, its output is linear in that
+    sum, so it splits exactly into one term per source: pattern (source W_V W_O). Returns
+    {"embed": ..., "L0H1": ..., ...}, each [batch, pos, d_model]; they add up to head_output.
+    The head's value bias, if any, goes with "embed".
+    """
+    pattern = cache["pattern", layer][:, head]  # [batch, q, k]
+    sources = {"embed": cache["hook_embed"] + cache["hook_pos_embed"]}
+    for earlier in range(layer):
+        for h in range(model.cfg.n_heads):
+            sources[f"L{earlier}H{h}"] = head_output(model, cache, earlier, h)
+    terms = {}
+    for name, source in sources.items():
+        values = source @ model.W_V[layer, head] + (model.b_V[layer, head] if name == "embed" else 0)
+        terms[name] = torch.einsum("bqk,bkd->bqd", pattern, values) @ model.W_O[layer, head]
+    return terms
+
+
+def memory_management_cosines(model, layer: int = 0) -> Tensor:
+    """Cosine between each neuron's input direction W_in[:, n] and output direction W_out[n, :], [d_mlp].
+
+    Near -1: the neuron writes the opposite of what it reads, erasing a direction from the stream.
+    """
+    w_in, w_out = model.W_in[layer], model.W_out[layer]  # [d_model, d_mlp], [d_mlp, d_model]
+    return torch.nn.functional.cosine_similarity(w_in.T, w_out, dim=-1)
+
+
+def attention_to_offset(pattern: Tensor, offset: int) -> Tensor:
+    """Mean attention every head puts from query q on key q - offset (queries q >= offset), [head].
+
+    pattern: [batch, head, query_pos, key_pos]. offset 1 measures a previous-token head.
+    """
+    n = pattern.shape[-1]
+    q = torch.arange(offset, n)
+    return pattern[:, :, q, q - offset].mean(dim=(0, 2))
+
+
+def induction_attention(pattern: Tensor, half: int) -> Tensor:
+    """Mean attention every head puts, on sequences repeated once (period `half`), from a query in
+    the second copy to the token after its earlier occurrence (key q - half + 1), [head]."""
+    q = torch.arange(half, pattern.shape[-1])
+    return pattern[:, :, q, q - half + 1].mean(dim=(0, 2))
