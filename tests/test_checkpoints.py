@@ -19,7 +19,7 @@ from transformer_lens import TransformerBridge, TransformerBridgeConfig
 from utils import models, tasks, train
 
 MODELS_DIR = Path(models.MODELS_DIR)
-NAMES = ["bigram", "max_of_list", "addition", "fibonacci"]
+NAMES = ["bigram", "max_of_list", "addition", "fibonacci", "induction"]
 
 
 def _path(name: str, suffix: str) -> Path:
@@ -101,9 +101,30 @@ def test_meets_target(name):
         assert not low, f"accuracy below {models.MAX_OF_LIST_TARGET:.1%} at lengths {low}"
     elif name == "bigram":
         assert report["kl"] <= models.BIGRAM_KL_TARGET, report
+    elif name == "induction":
+        assert report["induction_loss"] <= models.INDUCTION_LOSS_TARGET * report["chance_loss"], report
+        assert report["accuracy"] >= models.INDUCTION_ACCURACY_TARGET, report
     else:
         assert report["accuracy"] == 1.0, report
     assert models.meets_target(name, report)
     training = _meta(name)["training"]
     if "meets_target" in training:
         assert training["meets_target"] is True
+
+
+def test_induction_heads():
+    """Chapter 7 finds a previous-token head in layer 0 and an induction head in layer 1 of the shipped model."""
+    model = _restore("induction")
+    half = tasks.INDUCTION_HALF
+    tokens, _ = tasks.induction_batch(512, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens)
+    query = torch.arange(half, 2 * half - 1)  # the repeat's predictable positions
+    previous = cache["pattern", 0][:, :, query, query - 1].mean((0, 2))  # [n_heads]
+    induction = cache["pattern", 1][:, :, query, query - half + 1].mean((0, 2))  # [n_heads]
+    assert previous.max() > 0.9, f"no previous-token head in layer 0: {previous.tolist()}"
+    assert induction.max() > 0.9, f"no induction head in layer 1: {induction.tolist()}"
+    k_composition = model.all_composition_scores("K")[0, :, 1, :]  # [layer-0 head, layer-1 head]
+    best = k_composition[previous.argmax(), induction.argmax()]
+    for kind in ("Q", "V"):
+        assert best > 2 * model.all_composition_scores(kind)[0, :, 1, :].max(), kind

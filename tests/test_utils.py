@@ -151,6 +151,81 @@ class TestBigram:
         torch.testing.assert_close(pi @ T, pi, atol=1e-6, rtol=0)
 
 
+def _induction_oracle_targets(tokens: torch.Tensor) -> torch.Tensor:
+    """Next token wherever the current token occurred exactly once before and the one after it is in view, else IGNORE.
+
+    Slow and obvious, for checking the vectorised data functions. Leaves the last position
+    IGNORE (its next token is outside `tokens`).
+    """
+    targets = torch.full_like(tokens, IGNORE)
+    for b, row in enumerate(tokens.tolist()):
+        for i in range(len(row) - 1):
+            earlier = [j for j in range(i) if row[j] == row[i]]
+            if len(earlier) == 1 and row[earlier[0] + 1] == row[i + 1]:
+                targets[b, i] = row[i + 1]
+    return targets
+
+
+class TestInduction:
+    def test_batch_repeats_the_first_half(self):
+        half = tasks.INDUCTION_HALF
+        tokens, targets = tasks.induction_batch(64, generator=torch.Generator().manual_seed(0))
+        assert tokens.shape == targets.shape == (64, 2 * half) == (64, tasks.INDUCTION_SEQ)
+        assert tokens.dtype == targets.dtype == torch.long
+        assert 0 <= tokens.min() and tokens.max() < tasks.INDUCTION_VOCAB
+        assert torch.equal(tokens[:, half:], tokens[:, :half])
+        assert all(len(set(row)) == half for row in tokens[:, :half].tolist())  # distinct: nothing ambiguous
+        assert len({tuple(row) for row in tokens.tolist()}) == 64
+
+    def test_batch_targets_exactly_where_induction_predicts(self):
+        half = tasks.INDUCTION_HALF
+        tokens, targets = tasks.induction_batch(64, generator=torch.Generator().manual_seed(1))
+        assert torch.equal(targets[:, half:-1], tokens[:, half + 1:])
+        assert (targets[:, :half] == IGNORE).all() and (targets[:, -1] == IGNORE).all()
+        assert torch.equal(targets, _induction_oracle_targets(tokens))
+
+    def test_batch_is_reproducible_from_a_generator(self):
+        a = tasks.induction_batch(8, generator=torch.Generator().manual_seed(5))
+        b = tasks.induction_batch(8, generator=torch.Generator().manual_seed(5))
+        c = tasks.induction_batch(8, generator=torch.Generator().manual_seed(6))
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        assert not torch.equal(a[0], c[0])
+        d = tasks.induction_training_batch(8, generator=torch.Generator().manual_seed(5))
+        e = tasks.induction_training_batch(8, generator=torch.Generator().manual_seed(5))
+        assert torch.equal(d[0], e[0]) and torch.equal(d[1], e[1])
+
+    def test_repeated_stretch_layout(self):
+        starts, lengths = torch.tensor([0, 3, 21, 18]), torch.tensor([12, 4, 2, 5])
+        tokens, targets = tasks.repeated_stretch_batch(starts, lengths, seq=24, generator=torch.Generator().manual_seed(0))
+        assert torch.equal(tokens[1, 7:11], tokens[1, 3:7])
+        assert targets[1].tolist() == [IGNORE] * 7 + tokens[1, 8:11].tolist() + [IGNORE] * 14
+        # a copy cut off by the end of the context: the last position's target lies beyond it
+        assert tokens[2, 23] == tokens[2, 21] and targets[2].tolist() == [IGNORE] * 23 + [tokens[2, 22].item()]
+        assert torch.equal(tokens[3, 23:], tokens[3, 18:19])
+        assert targets[3].tolist() == [IGNORE] * 23 + [tokens[3, 19].item()]
+        # outside the copy every token is new
+        for b, (s, n) in enumerate(zip(starts.tolist(), lengths.tolist())):
+            outside = tokens[b, : s + n].tolist() + tokens[b, s + 2 * n:].tolist()
+            assert len(set(outside)) == len(outside)
+
+    def test_training_batch_varies_the_stretch(self):
+        tokens, targets = tasks.induction_training_batch(2000, generator=torch.Generator().manual_seed(0))
+        assert tokens.shape == targets.shape == (2000, tasks.INDUCTION_SEQ)
+        assert 0 <= tokens.min() and tokens.max() < tasks.INDUCTION_VOCAB
+        keep = targets != IGNORE
+        assert keep.any(-1).all()  # every row has something to predict
+        # targets sit exactly where induction predicts (the last position is checked by hand above)
+        oracle = _induction_oracle_targets(tokens[:200])
+        assert torch.equal(targets[:200, :-1], oracle[:, :-1])
+        # the earlier copy is at every distance 2..half and the targets reach every position half..seq-1,
+        # so no fixed positional offset can stand in for induction
+        first = keep.float().argmax(-1)  # first predicted position = start of the copy
+        distances = {int((tokens[b, : first[b]] == tokens[b, first[b]]).nonzero()[0, 0].item() - first[b]) for b in range(200)}
+        assert {-d for d in distances} == set(range(tasks.INDUCTION_MIN_STRETCH, tasks.INDUCTION_HALF + 1))
+        assert keep[:, 2:].any(0).all()
+        assert (targets[:, -1] != IGNORE).any()
+
+
 # ====================================================================== models
 @pytest.mark.parametrize("name", NAMES)
 def test_build_model_freezes_biases_at_zero(name):
@@ -207,6 +282,29 @@ def test_bigram_kl_is_zero_for_the_true_table():
         model.W_U.copy_(torch.eye(d, tasks.BIGRAM_VOCAB))
     assert abs(models.bigram_kl(model, T)) < 1e-5
     assert models.meets_target("bigram", models.evaluate(model, "bigram"))
+
+
+class _InductionOracle(torch.nn.Module):
+    """Logits that put 20 nats on the token after the earlier occurrence of the current token (0 when there is none)."""
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        seq = tokens.shape[-1]
+        earlier = (tokens[:, :, None] == tokens[:, None, :]) & torch.ones(seq, seq, dtype=torch.bool).tril(-1)
+        after = (earlier.float().argmax(-1) + 1).clamp(max=seq - 1)  # [batch, seq]
+        prediction = torch.where(earlier.any(-1), tokens.gather(1, after), torch.zeros_like(tokens))
+        return 20.0 * torch.nn.functional.one_hot(prediction, tasks.INDUCTION_VOCAB).float()
+
+
+def test_induction_report():
+    perfect = models.evaluate(_InductionOracle(), "induction")
+    assert perfect["accuracy"] == 1.0 and perfect["induction_loss"] < 1e-6
+    assert perfect["chance_loss"] == pytest.approx(math.log(tasks.INDUCTION_VOCAB))
+    assert models.meets_target("induction", perfect)
+    untrained = models.evaluate(models.build_model("induction"), "induction")
+    assert untrained["induction_loss"] == pytest.approx(untrained["chance_loss"], abs=0.2)
+    assert untrained["accuracy"] < 0.1 and not models.meets_target("induction", untrained)
+    # the report is over a fixed evaluation set
+    assert models.evaluate(_InductionOracle(), "induction") == perfect
 
 
 # ---------------------------------------------------------------------- checkpoints
@@ -451,7 +549,8 @@ def test_train_is_deterministic():
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-@pytest.mark.parametrize("name, batch_size", [("addition", 0), ("fibonacci", 0), ("addition", 16), ("bigram", 8)])
+@pytest.mark.parametrize("name, batch_size", [("addition", 0), ("fibonacci", 0), ("addition", 16), ("bigram", 8),
+                                              ("induction", 16)])
 def test_batch_sampler(name, batch_size):
     sample = train.batch_sampler(name, batch_size, torch.Generator().manual_seed(0))
     tokens, targets = sample()

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from utils import models, train as train_mod
 
 # ----------------------------------------------------------------------- targets
-TRAIN_TARGET_SECONDS = {"max_of_list": 20.0, "addition": 60.0, "fibonacci": 90.0}
+TRAIN_TARGET_SECONDS = {"max_of_list": 20.0, "addition": 60.0, "fibonacci": 90.0, "induction": 30.0}
 RATIO_TARGET = 1.2
 NOTEBOOK_TARGET_SECONDS = 60.0
 NOTEBOOK_TARGET_RSS = 1024**3  # 1 GB
@@ -315,6 +315,8 @@ def describe_report(name: str, report: dict | None) -> str:
         return f"KL {report['kl']:.4f} nats"
     if name == "max_of_list":
         return f"min acc {report['min_accuracy']:.4f}"
+    if name == "induction":
+        return f"loss {report['induction_loss']:.4f} (chance {report['chance_loss']:.2f}), acc {report['accuracy']:.4f}"
     return f"acc {report['accuracy']:.5f}"
 
 

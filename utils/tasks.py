@@ -11,6 +11,11 @@ Inputs are bare token lists: no separators, no BOS token.
                x[i+1] wherever x[i+1] <= 127 (x5 lies beyond the input).
 - bigram:      a walk on a Markov chain with a known transition matrix; the target at
                position i is the next state of the walk.
+- induction:   12 distinct random tokens (of 64) followed by the same 12 again; at the
+               positions 12-22 of the repeat the target is the next token, which the first
+               copy gives away (the token after the earlier occurrence of the current one).
+               The model trains on a harder mix: the repeated stretch has a random length
+               and place, so that it cannot find the earlier copy by position alone.
 """
 
 from __future__ import annotations
@@ -26,6 +31,10 @@ ADDITION_MAX = 127
 FIBONACCI_LENGTH = 5
 BIGRAM_VOCAB = 16
 BIGRAM_SEQ = 16
+INDUCTION_VOCAB = 64
+INDUCTION_HALF = 12
+INDUCTION_SEQ = 2 * INDUCTION_HALF
+INDUCTION_MIN_STRETCH = 2  # a shorter repeat has no position induction can predict
 
 
 # --------------------------------------------------------------------- max of list
@@ -132,3 +141,56 @@ def stationary_distribution(transitions: Tensor) -> Tensor:
     for _ in range(1000):
         p = p @ t
     return (p / p.sum()).float()
+
+
+# --------------------------------------------------------------------- induction
+def repeated_stretch_batch(
+    starts: Tensor, lengths: Tensor, seq: int = INDUCTION_SEQ, vocab: int = INDUCTION_VOCAB,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Distinct random tokens in which a stretch is repeated, and the induction targets, each [batch, seq].
+
+    Row b reads s = starts[b] tokens, a stretch S of n = lengths[b] tokens, then S again
+    (cut off if it runs past the end of the context); every token outside the copy is new,
+    so each token of the copy occurred exactly once before. targets[b, i] is the next token
+    wherever it belongs to the copy (i in s + n .. s + 2n - 2, the last position included
+    when the copy goes on beyond it), and IGNORE elsewhere: those are the positions where
+    induction (find the earlier occurrence of the current token, predict what followed
+    it) gives the answer.
+    """
+    pos = torch.arange(seq + 1)  # one position beyond the context, for the last target
+    s, n = starts[:, None], lengths[:, None]  # [batch, 1]
+    in_copy = (pos >= s + n) & (pos < s + 2 * n)  # [batch, seq + 1]
+    fresh = torch.rand(len(starts), vocab, generator=generator).argsort(-1)[:, : seq + 1]  # distinct tokens
+    full = fresh.gather(1, torch.where(in_copy, pos - n, pos))  # [batch, seq + 1]
+    predictable = in_copy[:, :-1] & in_copy[:, 1:]  # [batch, seq]
+    targets = torch.where(predictable, full[:, 1:], torch.full_like(full[:, 1:], IGNORE))
+    return full[:, :-1], targets
+
+
+def induction_batch(batch_size: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """INDUCTION_HALF distinct random tokens followed by the same tokens again, and the targets, each [batch, 2 * half].
+
+    targets[:, i] = tokens[:, i + 1] for i in half .. 2 * half - 2 (the repeat, whose next
+    token the first copy gives away) and IGNORE elsewhere.
+    """
+    starts = torch.zeros(batch_size, dtype=torch.long)
+    lengths = torch.full((batch_size,), INDUCTION_HALF)
+    return repeated_stretch_batch(starts, lengths, 2 * INDUCTION_HALF, generator=generator)
+
+
+def induction_training_batch(batch_size: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """The induction model's training data: repeated stretches of random length and place, each [batch, INDUCTION_SEQ].
+
+    On induction_batch alone the model finds the earlier copy by position (attend to
+    i - half + 1) and learns no induction head. Here the stretch has n = 2 .. INDUCTION_HALF
+    tokens; in half the rows its copy starts anywhere in the context, in the other half the
+    copy runs into the end of the context, so that every position is sometimes the token
+    after an earlier occurrence and the previous-token head forms everywhere.
+    """
+    lengths = torch.randint(INDUCTION_MIN_STRETCH, INDUCTION_HALF + 1, (batch_size,), generator=generator)
+    anywhere = lengths + (torch.rand(batch_size, generator=generator) * (INDUCTION_SEQ - lengths)).long()
+    latest = torch.maximum(lengths, INDUCTION_SEQ - lengths)  # copy start from which it reaches the end
+    to_end = latest + (torch.rand(batch_size, generator=generator) * (INDUCTION_SEQ - latest)).long()
+    copy_starts = torch.where(torch.rand(batch_size, generator=generator) < 0.5, anywhere, to_end)  # in n .. seq - 1
+    return repeated_stretch_batch(copy_starts - lengths, lengths, INDUCTION_SEQ, generator=generator)

@@ -2,7 +2,7 @@
 
     python -m utils.train <name> [--seed N] [--out DIR]
 
-retrains `name` (bigram, max_of_list, addition, fibonacci) from scratch, deterministically
+retrains `name` (bigram, max_of_list, addition, fibonacci, induction) from scratch, deterministically
 on the CPU, prints its accuracy report and writes data/models/<name>.{safetensors,json}.
 """
 
@@ -40,6 +40,10 @@ RECIPES: dict[str, Recipe] = {
     # cosine decay reach 100 % on all 8,256 pairs reliably
     "addition": Recipe(steps=1600, lr=1e-2, batch_size=1024, weight_decay=0.01, warmup=100),
     "fibonacci": Recipe(steps=600, lr=1e-2, batch_size=0, weight_decay=0.01, warmup=100),
+    # induction: the loss is near zero after ~500 steps; the rest sharpens the previous-token
+    # and induction heads to ~0.99 attention. No weight decay: with 0.05 the heads are a little
+    # blunter (induction 0.93) and the K-composition scores barely move
+    "induction": Recipe(steps=1000, lr=1e-2, batch_size=128, warmup=100),
 }
 
 
@@ -64,6 +68,8 @@ def batch_sampler(name: str, batch_size: int, generator: torch.Generator) -> Cal
     if name == "bigram":
         transitions = tasks.bigram_transition_matrix()
         return lambda: tasks.bigram_batch(transitions, batch_size, generator=generator)
+    if name == "induction":
+        return lambda: tasks.induction_training_batch(batch_size, generator=generator)
     tokens, targets = tasks.addition_pairs() if name == "addition" else tasks.fibonacci_sequences()
     if batch_size == 0 or batch_size >= len(tokens):
         return lambda: (tokens, targets)
