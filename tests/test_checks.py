@@ -46,12 +46,12 @@ CHECKS = {
                               lambda m, t, p: tuple(circuits.one_layer_path_logits(m, t, p).values()), "Exercise 7.1"),
     "naive_path_logits": (checks.check_naive_path_logits, circuits.naive_path_logits, "Exercise 7.2"),
     "memory_management_cosines": (checks.check_memory_management_cosines, circuits.memory_management_cosines,
-                                  "Exercise 7.3"),
-    "induction_attention": (checks.check_induction_attention, circuits.induction_attention, "Exercise 7.4"),
+                                  "Exercise 7.5"),
+    "induction_attention": (checks.check_induction_attention, circuits.induction_attention, "Exercise 7.3"),
     "composition_score": (checks.check_composition_score,
                           lambda a, b: (torch.linalg.matrix_norm(a @ b)
                                         / (torch.linalg.matrix_norm(a) * torch.linalg.matrix_norm(b))).item(),
-                          "Exercise 7.5"),
+                          "Exercise 7.4"),
 }
 
 

@@ -457,7 +457,7 @@ def check_naive_path_logits(fn: Callable) -> None:
 def check_memory_management_cosines(fn: Callable) -> None:
     from utils import circuits, models
 
-    ex = "Exercise 7.3 (memory_management_cosines)"
+    ex = "Exercise 7.5 (memory_management_cosines)"
     hint = ("neuron n reads along W_in[0][:, n] (a column) and writes along W_out[0][n, :] (a row); "
             "torch.nn.functional.cosine_similarity(W_in[0].T, W_out[0], dim=-1) gives all of them.")
     seed = int(torch.randint(0, 10_000, ()))
@@ -476,7 +476,7 @@ def check_memory_management_cosines(fn: Callable) -> None:
 def check_induction_attention(fn: Callable) -> None:
     from utils import circuits
 
-    ex = "Exercise 7.4 (induction_attention)"
+    ex = "Exercise 7.3 (induction_attention)"
     hint = ("for every query q in the second copy (q >= half), take pattern[:, :, q, q - half + 1] and average "
             "over the batch and those queries: one number per head.")
     for batch, heads, half in [(6, 2, 4), (3, 3, 5)]:
@@ -490,7 +490,7 @@ def check_induction_attention(fn: Callable) -> None:
 
 
 def check_composition_score(fn: Callable) -> None:
-    ex = "Exercise 7.5 (composition_score)"
+    ex = "Exercise 7.4 (composition_score)"
     hint = "||A @ B||_F / (||A||_F * ||B||_F): torch.linalg.matrix_norm is the Frobenius norm by default."
     cases = [(torch.eye(4), torch.eye(4)), (torch.randn(6, 3), torch.randn(3, 6)),
              (torch.randn(5, 5), torch.randn(5, 5)), (torch.tensor([[1.0, 0.0]]).T, torch.tensor([[0.0, 1.0]]))]
