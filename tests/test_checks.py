@@ -48,10 +48,7 @@ CHECKS = {
     "memory_management_cosines": (checks.check_memory_management_cosines, circuits.memory_management_cosines,
                                   "Exercise 7.5"),
     "induction_attention": (checks.check_induction_attention, circuits.induction_attention, "Exercise 7.3"),
-    "composition_score": (checks.check_composition_score,
-                          lambda a, b: (torch.linalg.matrix_norm(a @ b)
-                                        / (torch.linalg.matrix_norm(a) * torch.linalg.matrix_norm(b))).item(),
-                          "Exercise 7.4"),
+    "composition_score": (checks.check_composition_score, circuits.composition_score, "Exercise 7.4"),
 }
 
 

@@ -385,3 +385,17 @@ def test_offsets_and_induction_attention_on_hand_made_patterns():
     both = torch.cat([previous, induction], dim=1)  # [1, 2 heads, n, n]
     assert circuits.attention_to_offset(both, 1).tolist() == [1.0, 0.0]
     assert circuits.induction_attention(both, half).tolist() == [0.0, 1.0]
+
+
+def test_composition_score_known_values_and_transformer_lens():
+    assert abs(circuits.composition_score(torch.eye(4), torch.eye(4)) - 0.5) < 1e-6  # sqrt(4) / (2 * 2)
+    a, b = torch.tensor([[1.0, 0.0]]).T, torch.tensor([[0.0, 1.0]])
+    assert circuits.composition_score(b, a) == 0.0  # b reads nothing a writes
+    model = models.load_model("induction")
+    with torch.no_grad():
+        library = model.all_composition_scores("K").scores
+        for h0 in range(2):
+            for h1 in range(2):
+                ov = model.W_V[0, h0] @ model.W_O[0, h0]
+                qk = model.W_Q[1, h1] @ model.W_K[1, h1].T
+                assert abs(circuits.composition_score(ov, qk.T) - library[0, h0, 1, h1].item()) < 1e-4

@@ -295,3 +295,14 @@ def induction_attention(pattern: Tensor, half: int) -> Tensor:
     the second copy to the token after its earlier occurrence (key q - half + 1), [head]."""
     q = torch.arange(half, pattern.shape[-1])
     return pattern[:, :, q, q - half + 1].mean(dim=(0, 2))
+
+
+def composition_score(a: Tensor, b: Tensor) -> float:
+    """Composition score ||a b||_F / (||a||_F ||b||_F) of two matrices, in [0, 1].
+
+    With a the OV matrix of an earlier head and b what a later head reads with (its QK matrix,
+    transposed for K-composition), it says how much of what one head writes the other reads.
+    `model.all_composition_scores` computes it for every pair of heads.
+    """
+    norm = torch.linalg.matrix_norm
+    return (norm(a @ b) / (norm(a) * norm(b))).item()
