@@ -581,7 +581,8 @@ def naive_splits_only_x(model, cache):
 def naive_forgets_skip(model, cache):
     x = cache["hook_embed"] + cache["hook_pos_embed"]
     pieces = circuits.head_pieces(model, cache)
-    return (pieces.sum(0) + sum(circuits.mlp_output(model, p) for p in pieces)) @ model.W_U + model.b_U
+    through_mlp = circuits.mlp_output(model, x) + sum(circuits.mlp_output(model, p) for p in pieces)
+    return (pieces.sum(0) + through_mlp) @ model.W_U + model.b_U  # x itself left out
 
 
 def mm_dot_not_cosine(model):

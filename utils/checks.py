@@ -89,6 +89,19 @@ def _random_models() -> list:
     return out
 
 
+def _fresh_model(name: str):
+    """A freshly initialised model for task `name` with a random seed (biases zero)."""
+    from utils import models
+
+    return models.build_model(name, seed=int(torch.randint(0, 10_000, ())))
+
+
+def _random_causal_pattern(batch: int, heads: int, n: int) -> Tensor:
+    """A random attention pattern [batch, head, query, key]: rows sum to 1, no weight on later keys."""
+    future = torch.triu(torch.ones(n, n, dtype=torch.bool), diagonal=1)
+    return torch.randn(batch, heads, n, n).masked_fill(future, -torch.inf).softmax(-1)
+
+
 # ------------------------------------------------------------------ chapter 00: tour
 def check_residual_from_components(fn: Callable) -> None:
     from utils import circuits
@@ -239,7 +252,7 @@ def check_bigram_log_table(fn: Callable) -> None:
     ex = "Exercise 2.1 (bigram_log_table)"
     hint = ("multiply W_E [vocab, d_model] by W_U [d_model, vocab] (in that order), add b_U, and take "
             "log_softmax over the last axis (the next token).")
-    model = models.build_model("bigram", seed=int(torch.randint(0, 10_000, ())))
+    model = _fresh_model("bigram")
     with torch.no_grad():
         model.b_U.copy_(0.1 * torch.randn_like(model.b_U))
         got = call_learner(fn, ex, model, hint=hint)
@@ -267,10 +280,6 @@ def check_kl_to_chain(fn: Callable) -> None:
 
 
 # ------------------------------------------------------------------ chapter 03: QK and OV circuits
-def _random_max_of_list_model():
-    from utils import models
-
-    return models.build_model("max_of_list", seed=int(torch.randint(0, 10_000, ())))
 
 
 def check_token_qk_circuit(fn: Callable) -> None:
@@ -279,7 +288,7 @@ def check_token_qk_circuit(fn: Callable) -> None:
     ex = "Exercise 3.1 (token_qk_circuit)"
     hint = ("rows are query tokens, columns key tokens: W_E @ W_Q[0, 0] @ W_K[0, 0].T @ W_E.T, divided by "
             "sqrt(d_head) like the attention scores.")
-    model = _random_max_of_list_model()
+    model = _fresh_model("max_of_list")
     with torch.no_grad():
         got = call_learner(fn, ex, model, hint=hint)
         compare_tensors(got, circuits.full_qk_tokens(model), ex, hint, atol=1e-4)
@@ -292,7 +301,7 @@ def check_full_ov_circuit(fn: Callable) -> None:
     ex = "Exercise 3.2 (full_ov_circuit)"
     hint = ("follow a token through the head: embed (W_E), value (W_V[0, 0]), output (W_O[0, 0]), unembed (W_U); "
             "rows are attended tokens, columns output logits. Return a plain tensor (use .AB on a FactoredMatrix).")
-    model = _random_max_of_list_model()
+    model = _fresh_model("max_of_list")
     with torch.no_grad():
         got = call_learner(fn, ex, model, hint=hint)
         compare_tensors(got, circuits.full_ov(model).AB, ex, hint, atol=1e-4)
@@ -320,7 +329,7 @@ def check_positional_qk_circuit(fn: Callable) -> None:
     ex = "Exercise 4.1 (positional_qk_circuit)"
     hint = ("queries come from W_E + W_pos[query_pos], keys from W_E + W_pos[key_pos]: "
             "(W_E + W_pos[q]) @ W_Q[0, 0] @ W_K[0, 0].T @ (W_E + W_pos[k]).T / sqrt(d_head).")
-    model = _random_max_of_list_model()
+    model = _fresh_model("max_of_list")
     with torch.no_grad():
         for q, k in [(5, 2), (3, 3), (4, 0)]:
             got = call_learner(fn, ex, model, q, k, hint=hint)
@@ -344,12 +353,12 @@ def check_fraction_ordered(fn: Callable) -> None:
 
 # ------------------------------------------------------------------ chapter 05: MLP effective weights
 def check_token_to_neuron(fn: Callable) -> None:
-    from utils import circuits, models
+    from utils import circuits
 
     ex = "Exercise 5.1 (token_to_neuron)"
     hint = ("follow a token through the head into the MLP: (W_E + W_pos[source_pos]) @ W_V[0, 0] @ W_O[0, 0] "
             "@ W_in[0]; rows are tokens, columns neurons. No W_U: the ReLU stands between W_in and W_out.")
-    model = models.build_model("addition", seed=int(torch.randint(0, 10_000, ())))
+    model = _fresh_model("addition")
     with torch.no_grad():
         for pos in (0, 1):
             got = call_learner(fn, ex, model, pos, hint=hint)
@@ -397,8 +406,7 @@ def check_attention_on_recent(fn: Callable) -> None:
     hint = ("for query position q add pattern[:, 0, q, q] and pattern[:, 0, q, q - 1] (only the first at q = 0), "
             "then average over the batch: one number per query position.")
     for batch, n in [(7, 5), (3, 4)]:
-        scores = torch.randn(batch, 1, n, n).masked_fill(torch.triu(torch.ones(n, n, dtype=torch.bool), 1), -torch.inf)
-        pattern = scores.softmax(-1)
+        pattern = _random_causal_pattern(batch, 1, n)
         got = call_learner(fn, ex, pattern.clone(), hint=hint)
         compare_tensors(got, circuits.attention_on_recent(pattern), f"{ex} on a {tuple(pattern.shape)} pattern",
                         hint, what="attention per query position")
@@ -406,12 +414,12 @@ def check_attention_on_recent(fn: Callable) -> None:
 
 
 def check_positional_qk_scores(fn: Callable) -> None:
-    from utils import circuits, models
+    from utils import circuits
 
     ex = "Exercise 6.2 (positional_qk_scores)"
     hint = ("only the positions: (W_pos @ W_Q[0, 0]) @ (W_pos @ W_K[0, 0]).T / sqrt(d_head); rows are query "
             "positions, columns key positions, no W_E.")
-    model = models.build_model("fibonacci", seed=int(torch.randint(0, 10_000, ())))
+    model = _fresh_model("fibonacci")
     with torch.no_grad():
         model.W_pos.mul_(10)  # a fresh W_pos is tiny; scale it so mistakes stand far above the tolerance
         got = call_learner(fn, ex, model, hint=hint)
@@ -426,7 +434,7 @@ def check_one_layer_path_logits(fn: Callable) -> None:
     ex = "Exercise 7.1 (one_layer_path_logits)"
     hint = ("direct = (W_E[tokens] + W_pos[:n]) @ W_U; head = einsum('bqk,bkd->bqd', pattern[:, 0], embedded @ W_V[0, 0]) "
             "@ W_O[0, 0] @ W_U. Return the two as a tuple (direct, head), each [batch, pos, vocab].")
-    model = _random_max_of_list_model()
+    model = _fresh_model("max_of_list")
     tokens = torch.randint(0, model.cfg.d_vocab, (5, model.cfg.n_ctx))
     pattern = torch.rand(5, 1, model.cfg.n_ctx, model.cfg.n_ctx).tril().softmax(-1)  # any pattern: the expansion is linear
     with torch.no_grad():
@@ -440,12 +448,12 @@ def check_one_layer_path_logits(fn: Callable) -> None:
 
 
 def check_naive_path_logits(fn: Callable) -> None:
-    from utils import circuits, models
+    from utils import circuits
 
     ex = "Exercise 7.2 (naive_path_logits)"
     hint = ("x = embed + pos_embed; pieces = circuits.head_pieces(model, cache) (one per source position); add x, "
             "every piece, mlp_output(x) and mlp_output(piece) for every piece separately, then @ W_U + b_U.")
-    model = models.build_model("addition", seed=int(torch.randint(0, 10_000, ())))
+    model = _fresh_model("addition")
     tokens = torch.randint(0, model.cfg.d_vocab, (16, model.cfg.n_ctx))
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens)
@@ -480,9 +488,7 @@ def check_induction_attention(fn: Callable) -> None:
     hint = ("for every query q in the second copy (q >= half), take pattern[:, :, q, q - half + 1] and average "
             "over the batch and those queries: one number per head.")
     for batch, heads, half in [(6, 2, 4), (3, 3, 5)]:
-        n = 2 * half
-        scores = torch.randn(batch, heads, n, n).masked_fill(torch.triu(torch.ones(n, n, dtype=torch.bool), 1), -torch.inf)
-        pattern = scores.softmax(-1)
+        pattern = _random_causal_pattern(batch, heads, 2 * half)
         got = call_learner(fn, ex, pattern.clone(), half, hint=hint)
         compare_tensors(got, circuits.induction_attention(pattern, half), f"{ex} with half={half}", hint,
                         what="attention per head")

@@ -144,15 +144,17 @@ def neuron_inputs(model, tokens: Tensor, pattern: Tensor, transform=None) -> Ten
 
 
 def accuracy_with_neuron_inputs(model, tokens: Tensor, targets: Tensor, pre: Tensor, tolerance: int = 0) -> float:
-    """Accuracy (targets != -1) when the MLP's pre-activations are replaced by `pre` [batch, pos, d_mlp].
+    """Accuracy (over targets != IGNORE) when the MLP's pre-activations are replaced by `pre` [batch, pos, d_mlp].
 
     A prediction counts as right when it is within `tolerance` of the target (0: exactly right).
     """
     def replace(_, hook):
         return pre
 
+    from utils.tasks import IGNORE
+
     logits = model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.mlp.hook_pre", replace)])
-    keep = targets != -1
+    keep = targets != IGNORE
     return ((logits.argmax(-1)[keep] - targets[keep]).abs() <= tolerance).float().mean().item()
 
 
