@@ -9,7 +9,11 @@ STAMP  := $(VENV)/.installed
 # JupyterLab refuses to start as root (containers, some cloud machines) unless told to
 LAB_ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-.PHONY: lab test test-fast test-browser chapters bench clean
+.PHONY: lab test test-fast test-seeds test-browser chapters bench clean
+
+# make test-seeds SEEDS="1 2 3": retrain every model with each seed into .seeds/<seed>/ and run the
+# solved chapters on those checkpoints (their claims must hold for any seed, not one checkpoint)
+SEEDS ?= 1 2 3
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +27,14 @@ lab: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not browser" tests
 	$(BIN)/python -m pytest -q --nbval-lax --nbval-cell-timeout=600 solutions
+
+test-seeds: $(STAMP)
+	@set -e; for seed in $(SEEDS); do \
+	  echo "== seed $$seed: retraining every model into .seeds/$$seed (kept and reused while current)"; \
+	  $(BIN)/python -m utils.train all --seed $$seed --out .seeds/$$seed --reuse; \
+	  echo "== seed $$seed: the solved chapters on these checkpoints"; \
+	  CIRCUITS_MODELS_DIR=$(CURDIR)/.seeds/$$seed $(BIN)/python -m pytest -q -p no:cacheprovider --nbval-lax --nbval-cell-timeout=600 solutions; \
+	done
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow and not browser" tests

@@ -16,7 +16,7 @@ def _randomised_bridge(name: str, seed: int = 0):
     """A bridge model whose trainable weights are random and large enough for sharp attention."""
     bridge = models.build_model(name, seed=seed)
     g = torch.Generator().manual_seed(seed)
-    std = 2.0 / math.sqrt(models.CONFIGS[name]["d_model"])
+    std = 2.0 / math.sqrt(models.spec(name).config["d_model"])
     with torch.no_grad():
         for p in bridge.parameters():
             if p.requires_grad:
@@ -26,7 +26,7 @@ def _randomised_bridge(name: str, seed: int = 0):
 
 @pytest.mark.parametrize("name", ["max_of_list", "addition"])
 def test_plain_module_matches_bridge_forward(name):
-    cfg = models.CONFIGS[name]
+    cfg = models.spec(name).config
     bridge = _randomised_bridge(name)
     plain = bench.PlainTransformer.from_config(cfg)
     with torch.no_grad():  # copy the weights by hand, in TransformerLens's shapes
@@ -56,16 +56,16 @@ def test_plain_module_matches_bridge_forward(name):
         assert (plain(tokens) - expected).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("name", ["bigram", "max_of_list", "addition"])
+@pytest.mark.parametrize("name", ["bigram", "max_of_list", "addition", "fibonacci"])
 def test_same_training_trajectory(name):
     """build_pair starts both from the same weights and train() moves them identically."""
     bridge, plain = bench.build_pair(name)
     assert [n for n, p in plain.named_parameters() if not p.requires_grad] == (["W_pos"] if name == "bigram" else [])
-    recipe = dataclasses.replace(train.RECIPES[name], steps=5, batch_size=min(64, train.RECIPES[name].batch_size or 64))
+    recipe = dataclasses.replace(models.spec(name).recipe, steps=5, batch_size=min(64, models.spec(name).recipe.batch_size or 64))
     lb = train.train(bridge, name, recipe, progress=False)
     lp = train.train(plain, name, recipe, progress=False)
     assert lb == pytest.approx(lp, abs=1e-4)
-    tokens = torch.randint(0, models.CONFIGS[name]["d_vocab"], (32, models.CONFIGS[name]["n_ctx"]))
+    tokens = torch.randint(0, models.spec(name).config["d_vocab"], (32, models.spec(name).config["n_ctx"]))
     with torch.no_grad():
         torch.testing.assert_close(plain(tokens), bridge(tokens), atol=1e-4, rtol=0)
     if name == "bigram":  # evaluate() works on the plain module, bigram KL included
@@ -85,6 +85,9 @@ def test_main_prints_a_table(tmp_path, capsys):
     assert data["training"][0]["bridge"]["steps"] == 20
     assert data["bench_peak_rss"] > 0
     assert data["notebooks"] is None
+    # the split checkpoints' held-out accuracy is reported, not retrained
+    assert "GENERALIZATION" in out and set(data["held_out"]) == {"addition_split", "fibonacci_split"}
+    assert all(0.9 < report["held_out_accuracy"] <= 1.0 for report in data["held_out"].values())
 
 
 @pytest.mark.slow  # starts Jupyter kernels (a few seconds)

@@ -35,7 +35,7 @@ def test_binder_files_are_up_to_date() -> None:
 def test_binder_pins_match_requirements_with_cpu_torch() -> None:
     ours = pins((ROOT / "requirements.txt").read_text())
     theirs = pins((ROOT / "binder" / "requirements.txt").read_text())
-    assert ours["torch"] == "2.13.0" and theirs["torch"] == "2.13.0+cpu"
+    assert "torch" in ours and theirs["torch"] == ours["torch"] + "+cpu"
     assert {k: v for k, v in theirs.items() if k != "torch"} == {k: v for k, v in ours.items() if k != "torch"}
     text = (ROOT / "binder" / "requirements.txt").read_text()
     assert f"--extra-index-url {binder.CPU_INDEX}" in text.splitlines()

@@ -19,7 +19,7 @@ from transformer_lens import TransformerBridge, TransformerBridgeConfig
 from utils import models, tasks, train
 
 MODELS_DIR = Path(models.MODELS_DIR)
-NAMES = ["bigram", "max_of_list", "addition", "fibonacci", "induction"]
+NAMES = list(models.SPECS)
 
 
 def _path(name: str, suffix: str) -> Path:
@@ -43,10 +43,6 @@ def _restore(name: str) -> TransformerBridge:
     return model.eval()
 
 
-def test_names_cover_every_model():
-    assert set(NAMES) == set(models.CONFIGS) == set(train.RECIPES)
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_files_exist(name):
     for suffix in ("safetensors", "json"):
@@ -67,11 +63,11 @@ def test_metadata(name):
     assert set(versions) >= {"python", "torch", "transformer_lens"}
     assert all(isinstance(v, str) and v and v != "unknown" for v in versions.values()), versions
     # the checkpoint was trained with today's config and recipe: otherwise rebuild it
-    assert config == dict(models.CONFIGS[name], seed=training["seed"]), \
-        f"config differs from utils.models.CONFIGS[{name!r}]; rebuild with: python -m utils.train {name}"
+    assert config == dict(models.spec(name).config, seed=training["seed"]), \
+        f"config differs from utils.models.spec({name!r}).config; rebuild with: python -m utils.train {name}"
     if "recipe" in training:
-        assert training["recipe"] == dataclasses.asdict(train.RECIPES[name]), \
-            f"recipe differs from utils.train.RECIPES[{name!r}]; rebuild with: python -m utils.train {name}"
+        assert training["recipe"] == dataclasses.asdict(models.spec(name).recipe), \
+            f"recipe differs from utils.models.spec({name!r}).recipe; rebuild with: python -m utils.train {name}"
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -85,7 +81,7 @@ def test_restores_exactly(name):
     if name == "bigram":
         assert (state["pos_embed.weight"] == 0).all()
     # load_model gives the same model
-    cfg = models.CONFIGS[name]
+    cfg = models.spec(name).config
     tokens = torch.randint(0, cfg["d_vocab"], (32, cfg["n_ctx"]), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(models.load_model(name, MODELS_DIR)(tokens), model(tokens))
@@ -93,23 +89,37 @@ def test_restores_exactly(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_meets_target(name):
-    model = _restore(name)
-    report = models.evaluate(model, name)
-    if name == "max_of_list":
-        assert set(report["accuracy_by_length"]) == set(tasks.MAX_OF_LIST_LENGTHS)
-        low = {n: acc for n, acc in report["accuracy_by_length"].items() if acc < models.MAX_OF_LIST_TARGET}
-        assert not low, f"accuracy below {models.MAX_OF_LIST_TARGET:.1%} at lengths {low}"
-    elif name == "bigram":
-        assert report["kl"] <= models.BIGRAM_KL_TARGET, report
-    elif name == "induction":
-        assert report["induction_loss"] <= models.INDUCTION_LOSS_TARGET * report["chance_loss"], report
-        assert report["accuracy"] >= models.INDUCTION_ACCURACY_TARGET, report
-    else:
-        assert report["accuracy"] == 1.0, report
-    assert models.meets_target(name, report)
-    training = _meta(name)["training"]
-    if "meets_target" in training:
-        assert training["meets_target"] is True
+    spec = models.spec(name)
+    report = spec.evaluate(_restore(name))
+    assert spec.meets_target(report), f"{name} misses its target ({spec.target}): {spec.summary(report)}"
+    assert _meta(name)["training"]["meets_target"] is True
+
+
+def test_fibonacci_is_right_on_its_whole_domain():
+    """Every one of the 14,400 targets of the 8,256 start pairs, fed as the padded batch and unpadded."""
+    model = _restore("fibonacci")
+    tokens, targets = tasks.fibonacci_sequences()
+    assert int((targets != tasks.IGNORE).sum()) == 14_400
+    assert models.accuracy(model, tokens, targets) == 1.0
+    with torch.no_grad():  # [100, 20] -> 120, the example that failed before
+        assert model(torch.tensor([[100, 20]]))[0, -1].argmax().item() == 120
+        assert model(torch.tensor([[0, 127]]))[0, -1].argmax().item() == 127
+
+
+def test_fibonacci_padding_changes_no_prediction_at_a_valid_position():
+    model = _restore("fibonacci")
+    tokens, targets = tasks.fibonacci_sequences()
+    valid = tasks.fibonacci_valid_positions(tokens)
+    assert not valid.all()  # there is padding to change
+    other = torch.where(valid, tokens, torch.randint(0, tasks.ADDITION_MAX + 1, tokens.shape,
+                                                      generator=torch.Generator().manual_seed(1)))
+    assert not torch.equal(other, tokens) and torch.equal(tasks.fibonacci_targets(other), targets)
+    padded, repadded = models.predictions(model, tokens), models.predictions(model, other)
+    assert torch.equal(padded[valid], repadded[valid])
+    # and a short sequence fed as it is, without padding, gets the same predictions
+    short = valid.sum(-1) == 3
+    assert short.any()
+    assert torch.equal(models.predictions(model, tokens[short, :3]), padded[short, :3])
 
 
 def test_induction_heads():

@@ -254,7 +254,7 @@ def pairs_zero_not_ignore(max_sum):
 
 
 # Exercise 1.3: fibonacci_targets(tokens, max_value)
-def fib_forgets_last(tokens, max_value):
+def fib_forgets_last(tokens, max_value):  # reads x[i+1] off the input: nothing after the last token
     targets = torch.full_like(tokens, IGNORE)
     nxt = tokens[..., 1:]
     targets[..., :-1] = torch.where(nxt <= max_value, nxt, IGNORE)
@@ -263,9 +263,9 @@ def fib_forgets_last(tokens, max_value):
 
 
 def fib_no_max_value(tokens, max_value):
-    targets = torch.empty_like(tokens)
-    targets[..., :-1] = tokens[..., 1:]
-    targets[..., -1] = tokens[..., -1] + tokens[..., -2]
+    nxt = torch.zeros_like(tokens)
+    nxt[..., 1:] = tokens[..., :-1] + tokens[..., 1:]
+    targets = torch.where(tasks.fibonacci_valid_positions(tokens), nxt, IGNORE)
     targets[..., 0] = IGNORE
     return targets
 
@@ -279,6 +279,19 @@ def fib_forgets_position_0(tokens, max_value):
 def fib_greater_or_equal(tokens, max_value):
     targets = tasks.fibonacci_targets(tokens, max_value)
     return torch.where(targets == max_value, IGNORE, targets)
+
+
+def fib_reads_padding(tokens, max_value):
+    nxt = torch.zeros_like(tokens)
+    nxt[..., 1:] = tokens[..., :-1] + tokens[..., 1:]
+    targets = torch.where(nxt <= max_value, nxt, IGNORE)
+    targets[..., 0] = IGNORE
+    return targets
+
+
+def fib_assumes_five_tokens(tokens, max_value):  # indexes positions 1-4 by hand: fails on shorter sequences
+    nxt = torch.stack([torch.full_like(tokens[:, 0], IGNORE)] + [tokens[:, i - 1] + tokens[:, i] for i in range(1, 5)], 1)
+    return torch.where(tasks.fibonacci_targets(tokens, max_value) == IGNORE, IGNORE, nxt)
 
 
 # Exercise 1.4: loss_fn(logits, targets)
@@ -716,6 +729,8 @@ MISTAKES = [
     ("fibonacci_targets", fib_no_max_value),
     ("fibonacci_targets", fib_forgets_position_0),
     ("fibonacci_targets", fib_greater_or_equal),
+    ("fibonacci_targets", fib_reads_padding),
+    ("fibonacci_targets", fib_assumes_five_tokens),
     ("loss_fn", loss_sum),
     ("loss_fn", loss_softmax_first),
     ("loss_fn", loss_counts_ignored),
@@ -765,6 +780,8 @@ def test_mistake_messages_are_specific():
     assert "shape" in _fails("attention_pattern", pattern_heads_last)
     assert "targets" in _fails("addition_pairs", pairs_target_at_position_0)
     assert "expected a pair" in _fails("addition_pairs", pairs_tokens_only)
+    assert "padding" in _fails("fibonacci_targets", fib_reads_padding)
+    assert "IndexError" in _fails("fibonacci_targets", fib_assumes_five_tokens)
 
 
 # ------------------------------------------------------------------ (c) stubs, (d) crashes

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
 import json
 import math
+import re
+import sys
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from transformer_lens import TransformerBridge, TransformerBridgeConfig
 from utils import circuits, models, tasks, train
 
 IGNORE = tasks.IGNORE
-NAMES = list(models.CONFIGS)
+NAMES = list(models.SPECS)
 
 
 @pytest.fixture(autouse=True)
@@ -30,11 +31,11 @@ def _with_random_biases(name: str, seed: int = 0) -> TransformerBridge:
     for key in state:
         if key.endswith("bias") or key == "pos_embed.weight":
             state[key] = 0.1 * torch.randn(state[key].shape, generator=g)
-    return models.model_from_state(dict(models.CONFIGS[name], seed=seed), state)
+    return models.model_from_state(dict(models.spec(name).config, seed=seed), state)
 
 
 def _tokens(name: str, batch: int = 16) -> torch.Tensor:
-    cfg = models.CONFIGS[name]
+    cfg = models.spec(name).config
     return torch.randint(0, cfg["d_vocab"], (batch, cfg["n_ctx"]))
 
 
@@ -97,29 +98,49 @@ class TestFibonacci:
         assert tasks.fibonacci_sequence(1, 1, 7) == [1, 1, 2, 3, 5, 8, 13]
         assert tasks.fibonacci_sequence(3, 0, 2) == [3, 0]
 
-    def test_sequences_are_valid_and_complete(self):
+    def test_sequences_cover_every_start_pair(self):
         tokens, targets = tasks.fibonacci_sequences()
-        assert tokens.shape == targets.shape and tokens.shape[1] == tasks.FIBONACCI_LENGTH
-        assert torch.equal(tokens[:, 2:], tokens[:, :-2] + tokens[:, 1:-1])  # x[i+2] = x[i] + x[i+1]
+        assert tokens.shape == targets.shape == (8256, tasks.FIBONACCI_LENGTH)
         assert (tokens >= 0).all() and (tokens <= 127).all()
-        n_valid = sum(1 for x0 in range(128) for x1 in range(128) if 2 * x0 + 3 * x1 <= 127)
-        assert len(tokens) == n_valid == len({tuple(r) for r in tokens.tolist()})
+        pairs = {tuple(r) for r in tokens[:, :2].tolist()}
+        assert pairs == {(x0, x1) for x0 in range(128) for x1 in range(128) if x0 + x1 <= 127}
+        # 14,400 targets: 8,256, 4,160, 1,408 and 576 at positions 1-4
+        assert (targets != IGNORE).sum(0).tolist() == [0, 8256, 4160, 1408, 576]
 
-    def test_targets_ignore_exactly_position_0_and_overflow(self):
+    def test_every_target_is_the_next_element_of_the_true_sequence(self):
         tokens, targets = tasks.fibonacci_sequences()
-        nxt = torch.cat([tokens[:, 1:], tokens[:, -2:-1] + tokens[:, -1:]], dim=1)
-        position_0 = torch.zeros_like(tokens, dtype=torch.bool)
-        position_0[:, 0] = True
-        assert torch.equal(targets == IGNORE, position_0 | (nxt > 127))
-        keep = targets != IGNORE
-        assert torch.equal(targets[keep], nxt[keep])
-        # both cases occur: x5 = x3 + x4 fits for some sequences and overflows for others
-        assert (targets[:, -1] == IGNORE).any() and (targets[:, -1] != IGNORE).any()
+        for row in torch.randperm(len(tokens))[:300].tolist():
+            x0, x1 = tokens[row, :2].tolist()
+            true = tasks.fibonacci_sequence(x0, x1, 6)
+            for i in range(5):
+                want = true[i + 1] if i >= 1 and true[i + 1] <= 127 else IGNORE
+                assert targets[row, i].item() == want, (true, targets[row].tolist())
+                if true[i] <= 127:
+                    assert tokens[row, i].item() == true[i]
+
+    def test_padding_is_not_a_valid_position(self):
+        tokens, _ = tasks.fibonacci_sequences()
+        valid = tasks.fibonacci_valid_positions(tokens)
+        assert valid[:, :2].all() and valid.sum().item() == 8256 * 2 + 8256 + 4160 + 1408
+        assert tokens[~valid].eq(tasks.FIBONACCI_PAD).all()
+        # [100, 20, 120] ends there: 140 is no token
+        assert tasks.fibonacci_targets(torch.tensor([[100, 20, 120, 0, 0]])).tolist() == [[IGNORE, 120, IGNORE, IGNORE, IGNORE]]
+
+    def test_targets_of_short_sequences(self):
+        assert tasks.fibonacci_targets(torch.tensor([[100, 20], [127, 1]])).tolist() == [[IGNORE, 120], [IGNORE, IGNORE]]
+        assert tasks.fibonacci_targets(torch.tensor([[1, 2, 3]])).tolist() == [[IGNORE, 3, 5]]
 
     def test_targets_with_a_smaller_max_value(self):
         tokens = torch.tensor([[1, 2, 3, 5, 8], [10, 20, 30, 50, 80]])
         assert tasks.fibonacci_targets(tokens, max_value=30).tolist() == [
             [IGNORE, 3, 5, 8, 13], [IGNORE, 30, IGNORE, IGNORE, IGNORE]]
+
+    def test_split_is_fixed_and_disjoint(self):
+        train_rows, held_rows = tasks.split_indices(8256)
+        again = tasks.split_indices(8256)
+        assert torch.equal(train_rows, again[0]) and torch.equal(held_rows, again[1])
+        assert len(train_rows) == 6605 and len(held_rows) == 1651
+        assert sorted(train_rows.tolist() + held_rows.tolist()) == list(range(8256))
 
 
 class TestBigram:
@@ -231,7 +252,7 @@ class TestInduction:
 def test_build_model_freezes_biases_at_zero(name):
     model = models.build_model(name)
     biases = [(k, p) for k, p in model.named_parameters() if k.endswith("bias")]
-    if models.CONFIGS[name]["n_layers"] > 0:
+    if models.spec(name).config["n_layers"] > 0:
         assert biases, "expected bias parameters to freeze"
     for key, p in biases:
         assert not p.requires_grad, key
@@ -312,7 +333,7 @@ def test_induction_report():
 def saved(tmp_path):
     """A max_of_list checkpoint with non-zero weights in a temporary directory."""
     model = _with_random_biases("max_of_list", seed=7)
-    config = dict(models.CONFIGS["max_of_list"], seed=7)
+    config = dict(models.spec("max_of_list").config, seed=7)
     models.save_checkpoint(model, "max_of_list", config, {"seed": 7}, tmp_path)
     return model, tmp_path
 
@@ -398,7 +419,7 @@ def test_rotate_residual_stream_keeps_logits(name):
     rotated_state = models.rotate_residual_stream(state, R)
     assert set(rotated_state) == set(state)
     assert not torch.allclose(rotated_state["embed.weight"], state["embed.weight"])
-    rotated = models.model_from_state(dict(models.CONFIGS[name], seed=1), rotated_state)
+    rotated = models.model_from_state(dict(models.spec(name).config, seed=1), rotated_state)
     tokens = _tokens(name, 64)
     with torch.no_grad():
         torch.testing.assert_close(rotated(tokens), model(tokens), atol=1e-4, rtol=0)
@@ -411,9 +432,9 @@ def _addition_state_with_mlp_bias():
 
 def test_rotate_neurons_changes_logits():
     state = _addition_state_with_mlp_bias()
-    config = dict(models.CONFIGS["addition"], seed=2)
+    config = dict(models.spec("addition").config, seed=2)
     model = models.model_from_state(config, state)
-    d_mlp = models.CONFIGS["addition"]["d_mlp"]
+    d_mlp = models.spec("addition").config["d_mlp"]
     R = torch.linalg.qr(torch.randn(d_mlp, d_mlp, dtype=torch.float64))[0].float()
     rotated = models.model_from_state(config, models.rotate_neurons(state, R))
     tokens, _ = tasks.addition_pairs()
@@ -424,9 +445,9 @@ def test_rotate_neurons_changes_logits():
 def test_rotate_neurons_by_a_permutation_keeps_logits():
     """ReLU commutes with permutations, so permuting the neurons (a special rotation) changes nothing."""
     state = _addition_state_with_mlp_bias()
-    config = dict(models.CONFIGS["addition"], seed=2)
+    config = dict(models.spec("addition").config, seed=2)
     model = models.model_from_state(config, state)
-    d_mlp = models.CONFIGS["addition"]["d_mlp"]
+    d_mlp = models.spec("addition").config["d_mlp"]
     P = torch.eye(d_mlp)[torch.randperm(d_mlp)]
     permuted = models.model_from_state(config, models.rotate_neurons(state, P))
     tokens, _ = tasks.addition_pairs()
@@ -502,7 +523,7 @@ def test_loss_fn_ignores_ignored_positions():
 
 
 def test_lr_at_warms_up_then_decays():
-    recipe = train.Recipe(steps=100, lr=1.0, batch_size=8, warmup=10)
+    recipe = models.Recipe(steps=100, lr=1.0, batch_size=8, warmup=10)
     lrs = [train.lr_at(step, recipe) for step in range(recipe.steps)]
     warm, decay = lrs[:10], lrs[10:]
     assert all(b > a for a, b in zip(warm, warm[1:]))
@@ -511,12 +532,56 @@ def test_lr_at_warms_up_then_decays():
     assert all(b <= a for a, b in zip(decay, decay[1:])) and decay[-1] < 0.06
     assert min(lrs) >= 0.05 * recipe.lr - 1e-12
     assert train.lr_at(recipe.steps, recipe) == pytest.approx(0.05)
-    no_warmup = train.Recipe(steps=10, lr=0.5, batch_size=8)
+    no_warmup = models.Recipe(steps=10, lr=0.5, batch_size=8)
     assert train.lr_at(0, no_warmup) == pytest.approx(0.5)
 
 
-def test_every_recipe_names_a_model():
-    assert set(train.RECIPES) == set(models.CONFIGS)
+def test_training_on_length_groups_gives_the_gradient_of_the_padded_batch():
+    """Fibonacci trains on each length's rows cut after their last target: same loss, same gradient."""
+    tokens, targets = tasks.fibonacci_sequences()
+    rows = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(0))[:200]
+    tokens, targets = tokens[rows], targets[rows]
+    groups = train.length_groups(tokens, targets)
+    assert len(groups) > 1 and sum(len(t) for t, _ in groups) == 200
+    assert all((y[:, -1] != IGNORE).all() for _, y in groups)  # each group ends at a target
+    grads, losses = [], []
+    for step in (train.train_step, train.train_step_on_groups):
+        model = models.build_model("fibonacci", seed=4)
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+        losses.append(step(model, optimizer, tokens, targets))
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-4)
+
+
+def test_lr_holds_at_its_floor_after_the_schedule():
+    recipe = models.Recipe(steps=100, lr=1.0, batch_size=8, warmup=10)
+    assert train.lr_at(recipe.steps + 250, recipe) == pytest.approx(0.05)
+
+
+def test_train_stops_at_the_first_check_that_meets_the_target():
+    recipe = models.Recipe(steps=600, lr=1e-2, batch_size=256, check_every=20)
+    model = models.build_model("bigram", seed=3)
+    losses = train.train(model, "bigram", recipe, seed=3, progress=False, stop_at_target=True)
+    assert len(losses) < recipe.steps and len(losses) % recipe.check_every == 0
+    assert models.meets_target("bigram", models.evaluate(model, "bigram"))
+    # the same run without stopping, checked at the same steps: the first success is where it stopped
+    again, successes = models.build_model("bigram", seed=3), []
+
+    def check(step, loss):
+        if (step + 1) % recipe.check_every == 0 and models.meets_target("bigram", models.evaluate(again, "bigram")):
+            successes.append(step + 1)
+    train.train(again, "bigram", recipe, seed=3, progress=False, on_step=check)
+    assert successes[0] == len(losses)
+
+
+def test_extra_steps_run_only_while_the_target_is_missed():
+    recipe = models.Recipe(steps=20, lr=1e-2, batch_size=256, check_every=20, extra_steps=2000)
+    model = models.build_model("bigram", seed=3)
+    assert len(train.train(model, "bigram", recipe, seed=3, progress=False)) == 20  # without stop_at_target: steps
+    model = models.build_model("bigram", seed=3)
+    losses = train.train(model, "bigram", recipe, seed=3, progress=False, stop_at_target=True)
+    assert 20 < len(losses) < 2020 and models.meets_target("bigram", models.evaluate(model, "bigram"))
 
 
 def test_train_lowers_the_loss_and_keeps_biases_zero():
@@ -525,7 +590,7 @@ def test_train_lowers_the_loss_and_keeps_biases_zero():
     with torch.no_grad():
         before = train.loss_fn(model(tokens), targets).item()
     seen = []
-    recipe = train.Recipe(steps=30, lr=1e-2, batch_size=128, warmup=3)
+    recipe = models.Recipe(steps=30, lr=1e-2, batch_size=128, warmup=3)
     losses = train.train(model, "max_of_list", recipe, seed=0, progress=False, on_step=lambda s, l: seen.append((s, l)))
     assert len(losses) == 30 and all(math.isfinite(l) for l in losses)
     assert [s for s, _ in seen] == list(range(30)) and [l for _, l in seen] == losses
@@ -540,7 +605,7 @@ def test_train_lowers_the_loss_and_keeps_biases_zero():
 
 
 def test_train_is_deterministic():
-    recipe = train.Recipe(steps=4, lr=1e-2, batch_size=64)
+    recipe = models.Recipe(steps=4, lr=1e-2, batch_size=64)
     a, b = models.build_model("addition", seed=1), models.build_model("addition", seed=1)
     la = train.train(a, "addition", recipe, seed=5, progress=False)
     lb = train.train(b, "addition", recipe, seed=5, progress=False)
@@ -550,29 +615,39 @@ def test_train_is_deterministic():
 
 
 @pytest.mark.parametrize("name, batch_size", [("addition", 0), ("fibonacci", 0), ("addition", 16), ("bigram", 8),
-                                              ("induction", 16)])
-def test_batch_sampler(name, batch_size):
-    sample = train.batch_sampler(name, batch_size, torch.Generator().manual_seed(0))
+                                              ("induction", 16), ("fibonacci", 16)])
+def test_batches(name, batch_size):
+    sample = models.spec(name).batches(batch_size, torch.Generator().manual_seed(0))
     tokens, targets = sample()
     if batch_size:
         assert len(tokens) == batch_size
     else:
         full = tasks.addition_pairs() if name == "addition" else tasks.fibonacci_sequences()
         assert torch.equal(tokens, full[0]) and torch.equal(targets, full[1])
-    assert tokens.shape == targets.shape and tokens.shape[1] == models.CONFIGS[name]["n_ctx"]
+    assert tokens.shape == targets.shape and tokens.shape[1] == models.spec(name).config["n_ctx"]
+
+
+@pytest.mark.parametrize("name, data", [("addition_split", tasks.addition_pairs), ("fibonacci_split", tasks.fibonacci_sequences)])
+def test_split_models_train_only_on_their_80_percent(name, data):
+    trained_on, held_out = tasks.split(*data())
+    seen = {tuple(row) for row in trained_on[0].tolist()}
+    sample = models.spec(name).batches(4096, torch.Generator().manual_seed(0))
+    drawn = {tuple(row) for _ in range(5) for row in sample()[0].tolist()}
+    assert drawn <= seen and not drawn & {tuple(row) for row in held_out[0].tolist()}
+    assert len(trained_on[0]) == round(0.8 * len(data()[0]))
 
 
 def test_train_command_writes_a_checkpoint(tmp_path, monkeypatch, capsys):
     """`python -m utils.train bigram --out DIR --seed 3`, in process, with a tiny recipe (the real one takes minutes)."""
-    tiny = train.Recipe(steps=5, lr=1e-2, batch_size=16)
-    monkeypatch.setitem(train.RECIPES, "bigram", tiny)
+    tiny = models.Recipe(steps=5, lr=1e-2, batch_size=16)
+    monkeypatch.setitem(models.SPECS, "bigram", dataclasses.replace(models.spec("bigram"), recipe=tiny))
     code = train.main(["bigram", "--out", str(tmp_path), "--seed", "3"])
     out = capsys.readouterr().out
     assert code == 1 and "MISSES" in out and "bigram: {'kl':" in out  # 5 steps do not reach the target
     assert str(tmp_path / "bigram.safetensors") in out
 
     meta = json.loads((tmp_path / "bigram.json").read_text())
-    assert meta["config"] == dict(models.CONFIGS["bigram"], seed=3)
+    assert meta["config"] == dict(models.spec("bigram").config, seed=3)
     training = meta["training"]
     assert training["seed"] == 3 and training["recipe"] == dataclasses.asdict(tiny)
     assert training["meets_target"] is False and training["report"]["kl"] > models.BIGRAM_KL_TARGET
@@ -590,5 +665,40 @@ def test_train_command_rejects_unknown_names():
         train.main(["nonsense"])
 
 
-def test_versions_records_the_transformer_lens_version():
-    assert train.versions()["transformer_lens"] == importlib.metadata.version("transformer-lens")
+def test_versions_match_the_pinned_environment():
+    """A checkpoint records the versions it was trained with: those of requirements.txt in this venv."""
+    pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)\s*$", (models.ROOT / "requirements.txt").read_text(), re.M))
+    versions = train.versions()
+    assert set(versions) == {"python", "torch", "transformer_lens"}
+    assert versions["transformer_lens"] == pins["transformer-lens"]
+    assert versions["torch"].split("+")[0] == pins["torch"]
+    assert versions["python"] == ".".join(map(str, sys.version_info[:3]))
+
+
+def test_models_dir_follows_the_environment(tmp_path):
+    """make test-seeds points utils.models at retrained checkpoints with CIRCUITS_MODELS_DIR."""
+    import os
+    import subprocess
+
+    code = "from utils import models; print(models.MODELS_DIR)"
+    env = dict(os.environ, CIRCUITS_MODELS_DIR=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(tmp_path)
+    env.pop("CIRCUITS_MODELS_DIR")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(models.ROOT / "data" / "models")
+
+
+def test_reuse_skips_only_a_current_checkpoint(tmp_path, monkeypatch, capsys):
+    tiny = models.Recipe(steps=300, lr=1e-2, batch_size=256)
+    monkeypatch.setitem(models.SPECS, "bigram", dataclasses.replace(models.spec("bigram"), recipe=tiny))
+    assert not train.is_current("bigram", 5, tmp_path)
+    assert train.main(["bigram", "--seed", "5", "--out", str(tmp_path), "--reuse"]) == 0
+    assert train.is_current("bigram", 5, tmp_path)
+    assert not train.is_current("bigram", 6, tmp_path)  # another seed
+    capsys.readouterr()
+    assert train.main(["bigram", "--seed", "5", "--out", str(tmp_path), "--reuse"]) == 0
+    assert "is current" in capsys.readouterr().out
+    changed = dataclasses.replace(tiny, steps=301)  # another recipe: retrain
+    monkeypatch.setitem(models.SPECS, "bigram", dataclasses.replace(models.spec("bigram"), recipe=changed))
+    assert not train.is_current("bigram", 5, tmp_path)

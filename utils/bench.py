@@ -2,7 +2,7 @@
 
     python -m utils.bench [--models NAME ...] [--notebooks PATH ...] [--no-notebooks] [--json FILE]
 
-1. Retrains every model in ``utils.train.RECIPES`` from scratch (seed 0) with
+1. Retrains every model in ``utils.models.SPECS`` from scratch (seed 0) with
    ``utils.train.train``, evaluating every K steps with ``utils.models.evaluate`` and
    stopping at the first evaluation that ``meets_target``; the clock excludes evaluation.
    The same architecture written as a plain PyTorch module (``PlainTransformer``, started
@@ -34,10 +34,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from utils import models, train as train_mod
+from utils import models, tasks, train as train_mod
 
 # ----------------------------------------------------------------------- targets
-TRAIN_TARGET_SECONDS = {"max_of_list": 20.0, "addition": 60.0, "fibonacci": 90.0, "induction": 30.0}
 RATIO_TARGET = 1.2
 NOTEBOOK_TARGET_SECONDS = 60.0
 NOTEBOOK_TARGET_RSS = 1024**3  # 1 GB
@@ -115,7 +114,7 @@ class PlainTransformer(nn.Module):
 
     @classmethod
     def from_config(cls, config: dict) -> "PlainTransformer":
-        """An uninitialised module for a ``utils.models.CONFIGS`` entry."""
+        """An uninitialised module for a ``utils.models.ModelSpec`` config."""
         return cls(**config)
 
     @classmethod
@@ -154,7 +153,7 @@ def build_pair(name: str, seed: int = 0) -> tuple[nn.Module, PlainTransformer]:
     """(bridge, plain) for task `name`, both starting from the bridge's initial weights for `seed`."""
     torch.manual_seed(seed)
     bridge = models.build_model(name, seed=seed)
-    return bridge, PlainTransformer.from_bridge(bridge, models.CONFIGS[name])
+    return bridge, PlainTransformer.from_bridge(bridge, models.spec(name).config)
 
 
 # ----------------------------------------------------------------------- timing training
@@ -257,22 +256,11 @@ def time_to_target(model: nn.Module, name: str, recipe: train_mod.Recipe, eval_e
     return state
 
 
-def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, tokens: Tensor, targets: Tensor) -> float:
-    """``utils.train.train_step`` (the body of ``train``'s loop), or the same steps if it is absent."""
-    if hasattr(train_mod, "train_step"):
-        return train_mod.train_step(model, optimizer, tokens, targets)
-    loss = train_mod.loss_fn(model(tokens), targets)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.item()
-
-
 def paired_step_ratio(name: str, recipe: train_mod.Recipe, steps: int = PAIRED_STEPS) -> dict:
     """Bridge / plain time per training step, measured step by step in alternation.
 
     Both models start from the same weights and each runs the body of ``utils.train.train``
-    (its own batch sampler with the same seed, ``lr_at``, AdamW, ``train_step``);
+    (its own batch sampler with the same seed, ``lr_at``, AdamW, its ``step_function``);
     their steps alternate (bridge first on even steps, plain first on odd ones), so a
     neighbour's load on a shared machine hits both alike. The median of the per-step
     ratios is the figure; it is much steadier than two separate runs' totals.
@@ -281,9 +269,10 @@ def paired_step_ratio(name: str, recipe: train_mod.Recipe, steps: int = PAIRED_S
     loops = {}
     for impl, model in pair.items():
         params = [p for p in model.parameters() if p.requires_grad]
-        loops[impl] = (model, train_mod.batch_sampler(name, recipe.batch_size, torch.Generator().manual_seed(0)),
+        loops[impl] = (model, models.spec(name).batches(recipe.batch_size, torch.Generator().manual_seed(0)),
                        torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay))
         model.train()
+    train_step = train_mod.step_function(name)
     times: dict[str, list[float]] = {"bridge": [], "plain": []}
     for step in range(steps + 3):  # the first 3 are a warm-up
         for impl in ("bridge", "plain") if step % 2 == 0 else ("plain", "bridge"):
@@ -291,7 +280,7 @@ def paired_step_ratio(name: str, recipe: train_mod.Recipe, steps: int = PAIRED_S
             start = time.perf_counter()
             for group in optimizer.param_groups:
                 group["lr"] = train_mod.lr_at(step, recipe)
-            _train_step(model, optimizer, *next_batch())
+            train_step(model, optimizer, *next_batch())
             if step >= 3:
                 times[impl].append(time.perf_counter() - start)
     ratios = [b / p for b, p in zip(times["bridge"], times["plain"])]
@@ -309,20 +298,12 @@ def warm_up(name: str, recipe: train_mod.Recipe) -> None:
 
 
 def describe_report(name: str, report: dict | None) -> str:
-    if report is None:
-        return "-"
-    if name == "bigram":
-        return f"KL {report['kl']:.4f} nats"
-    if name == "max_of_list":
-        return f"min acc {report['min_accuracy']:.4f}"
-    if name == "induction":
-        return f"loss {report['induction_loss']:.4f} (chance {report['chance_loss']:.2f}), acc {report['accuracy']:.4f}"
-    return f"acc {report['accuracy']:.5f}"
+    return "-" if report is None else models.spec(name).summary(report)
 
 
 def bench_model(name: str, eval_every: int | None, steps: int | None, repeat: int,
                 use_screen: bool = True, paired_steps: int = PAIRED_STEPS) -> dict:
-    recipe = train_mod.RECIPES[name]
+    recipe = models.spec(name).recipe
     if steps is not None:
         recipe = dataclasses.replace(recipe, steps=steps)
     k = eval_every or max(10, recipe.steps // EVALUATIONS_PER_RUN)
@@ -356,7 +337,7 @@ def bench_model(name: str, eval_every: int | None, steps: int | None, repeat: in
     # neighbours. Their own ratio is reported too, per step (both start from the same weights
     # and see the same batches, but float rounding can move the step that meets the target).
     ratio = paired["median_ratio"]
-    limit = TRAIN_TARGET_SECONDS.get(name)
+    limit = models.spec(name).bench_seconds
     return {
         "model": name, "recipe": dataclasses.asdict(recipe), "eval_every": k, "repeat": repeat,
         "bridge": best["bridge"], "plain": best["plain"],
@@ -542,6 +523,12 @@ def format_report(result: dict) -> str:
         out.append("")
         out.append(f"MEMORY  peak RSS of the benchmark process after training: {_mb(result['bench_peak_rss'])}")
         out.append("")
+    held = result.get("held_out") or {}
+    if held:
+        out.append(f"GENERALIZATION  shipped checkpoints trained on a fixed {tasks.SPLIT_TRAIN_FRACTION:.0%} of the inputs")
+        for name, report in held.items():
+            out.append(f"  {name}: " + (report if isinstance(report, str) else models.spec(name).summary(report)))
+        out.append("")
     nbs = result["notebooks"]
     if nbs is None:
         out.append("NOTEBOOKS  skipped (--no-notebooks)")
@@ -565,24 +552,30 @@ def format_report(result: dict) -> str:
     return "\n".join(out)
 
 
+def held_out_accuracies() -> dict[str, dict | str]:
+    """The split checkpoints' evaluation (accuracy on their 80 % and on the held-out 20 %), or why it failed."""
+    found: dict[str, dict | str] = {}
+    for name, spec in models.SPECS.items():
+        if spec.timed:
+            continue
+        try:
+            found[name] = spec.evaluate(models.load_model(name))
+        except models.CheckpointError as err:
+            found[name] = str(err)
+    return found
+
+
 def environment() -> dict:
     import platform
-    from importlib import metadata
 
-    env = dict(train_mod.versions(), torch_threads=torch.get_num_threads(), cpus=os.cpu_count(),
-               machine=platform.machine())
-    if env.get("transformer_lens", "unknown") == "unknown":
-        try:
-            env["transformer_lens"] = metadata.version("transformer-lens")
-        except metadata.PackageNotFoundError:
-            pass
-    return env
+    return dict(train_mod.versions(), torch_threads=torch.get_num_threads(), cpus=os.cpu_count(),
+                machine=platform.machine())
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m utils.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="*", choices=sorted(train_mod.RECIPES), metavar="NAME",
-                        help=f"models to retrain (default: all of {', '.join(train_mod.RECIPES)}; "
+    parser.add_argument("--models", nargs="*", choices=sorted(models.SPECS), metavar="NAME",
+                        help=f"models to retrain (default: {', '.join(n for n, s in models.SPECS.items() if s.timed)}; "
                              "give --models with no names to skip training)")
     parser.add_argument("--notebooks", nargs="+", metavar="PATH",
                         help="notebooks or folders to run (default: solutions/*.ipynb)")
@@ -604,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    names = list(train_mod.RECIPES) if args.models is None else args.models
+    names = [n for n, spec in models.SPECS.items() if spec.timed] if args.models is None else args.models
     result: dict = {"env": environment(), "training": [], "bench_peak_rss": None, "notebooks": None}
 
     for name in names:
@@ -612,6 +605,7 @@ def main(argv: list[str] | None = None) -> int:
                                                   use_screen=not args.no_screen))
     if names:
         result["bench_peak_rss"] = peak_rss_bytes()
+    result["held_out"] = held_out_accuracies()
 
     if not args.no_notebooks:
         paths, source = find_notebooks(args.notebooks)
@@ -621,7 +615,8 @@ def main(argv: list[str] | None = None) -> int:
         for path in paths:
             log(f"running {_show_path(path)}")
             r = run_notebook(path, timeout=args.timeout)
-            log(f"{_show_path(path)}: {'pass' if r['passed'] else 'FAIL'} in {r['seconds']:.1f} s, "
+            seconds = "-" if r["seconds"] is None else f"{r['seconds']:.1f}"
+            log(f"{_show_path(path)}: {'pass' if r['passed'] else 'FAIL'} in {seconds} s, "
                 f"peak RSS {_mb(r['peak_rss'])}" + (f"; {r['error']}" if r["error"] else ""))
             nb_results.append(r)
         result["notebooks"] = {"source": source, "results": nb_results}

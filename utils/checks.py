@@ -13,6 +13,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from utils.tasks import IGNORE
+
 
 class CheckFailed(Exception):
     """An exercise check failed; the message is for the learner."""
@@ -85,7 +87,7 @@ def _random_models() -> list:
         for key in state:
             if key.endswith("bias") and key != "unembed.bias":
                 state[key] = 0.1 * torch.randn_like(state[key])
-        out.append((name, models.model_from_state(dict(models.CONFIGS[name], seed=seed), state)))
+        out.append((name, models.model_from_state(dict(models.spec(name).config, seed=seed), state)))
     return out
 
 
@@ -187,18 +189,49 @@ def check_addition_pairs(fn: Callable) -> None:
     passed(ex)
 
 
+def fibonacci_check_inputs(max_value: int, length: int) -> Tensor:
+    """Fibonacci inputs for checking, [n, length]: targets equal to max_value, rows that end early, random rows.
+
+    Padding is random tokens, not FIBONACCI_PAD, so a function that reads the padding shows it.
+    """
+    from utils import tasks
+
+    tokens, targets = tasks.fibonacci_sequences(length, max_value)
+    valid = tasks.fibonacci_valid_positions(tokens)
+    tokens = torch.where(valid, tokens, torch.randint(0, max_value + 1, tokens.shape))
+    edge = (targets == max_value).any(-1)
+    short = ~valid.all(-1)
+    pick = [torch.nonzero(rows).squeeze(-1) for rows in (edge, short, torch.ones_like(edge))]
+    chosen = torch.cat([p[torch.randperm(len(p))[:n]] for p, n in zip(pick, (4, 20, 40)) if len(p)])
+    return tokens[chosen]
+
+
 def check_fibonacci_targets(fn: Callable) -> None:
     from utils import tasks
 
     ex = "Exercise 1.3 (fibonacci_targets)"
-    hint = ("at position i >= 1 the target is the next element x[i+1]; after the last token it is x[-2] + x[-1], "
-            "which does not appear in the input. Positions whose target exceeds max_value, and position 0, get IGNORE.")
-    for max_value in (127, int(torch.randint(20, 60, ()))):
-        tokens = tasks.fibonacci_sequences(5, max_value)[0]
-        edge = (tasks.fibonacci_targets(tokens, max_value + 100) == max_value).any(-1)  # a target equal to the bound
-        tokens = torch.cat([tokens[edge][:4], tokens[torch.randperm(len(tokens))[:60]]])
+    hint = ("at position i >= 1 the target is x[i-1] + x[i]. It is IGNORE at position 0, where that sum exceeds "
+            "max_value, and on padding: every position from the first j >= 2 with tokens[j] != tokens[j-2] + "
+            "tokens[j-1] onwards (a cumulative product of that test along the positions finds them).")
+    top, n = tasks.ADDITION_MAX, tasks.FIBONACCI_LENGTH
+    for max_value, length in ((top, n), (int(torch.randint(20, 60, ())), n), (top, 3), (top, 2)):
+        tokens = fibonacci_check_inputs(max_value, length)
+        where = f"{ex} with max_value={max_value} on sequences of {length} tokens"
         got = call_learner(fn, ex, tokens.clone(), max_value, hint=hint)
-        compare_tensors(got, tasks.fibonacci_targets(tokens, max_value), f"{ex} with max_value={max_value}", hint)
+        expected = tasks.fibonacci_targets(tokens, max_value)
+        if isinstance(got, Tensor) and got.shape == expected.shape:
+            nxt = torch.zeros_like(tokens)
+            nxt[:, 1:] = tokens[:, :-1] + tokens[:, 1:]
+            reads_padding = torch.where(nxt <= max_value, nxt, IGNORE)
+            reads_padding[:, 0] = IGNORE
+            if torch.equal(got, reads_padding) and not torch.equal(got, expected):
+                row = int((got != expected).any(-1).nonzero()[0])
+                raise CheckFailed(f"{where}: your targets are right wherever the sequence runs, but you also give "
+                                  f"targets on the padding after it ends: for {tokens[row].tolist()} you gave "
+                                  f"{got[row].tolist()}, expected {expected[row].tolist()}. "
+                                  "Hint: a position is padding once tokens[j] != tokens[j-2] + tokens[j-1] for some "
+                                  "j >= 2 at or before it; give it IGNORE.")
+        compare_tensors(got, expected, where, hint)
     passed(ex)
 
 
@@ -470,11 +503,11 @@ def check_memory_management_cosines(fn: Callable) -> None:
             "torch.nn.functional.cosine_similarity(W_in[0].T, W_out[0], dim=-1) gives all of them.")
     seed = int(torch.randint(0, 10_000, ()))
     state = models.build_model("addition", seed=seed).state_dict()
-    n = models.CONFIGS["addition"]["d_mlp"]
+    n = models.spec("addition").config["d_mlp"]
     # half the neurons erase what they read (nn.Linear stores [out, in], so neuron k is row k of
     # mlp.in.weight and column k of mlp.out.weight)
     state["blocks.0.mlp.out.weight"][:, : n // 2] = -state["blocks.0.mlp.in.weight"][: n // 2].T
-    model = models.model_from_state(dict(models.CONFIGS["addition"], seed=seed), state)
+    model = models.model_from_state(dict(models.spec("addition").config, seed=seed), state)
     with torch.no_grad():
         got = call_learner(fn, ex, model, hint=hint)
         compare_tensors(got, circuits.memory_management_cosines(model), ex, hint, atol=1e-4, what="cosines")

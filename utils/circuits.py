@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from transformer_lens.utilities import get_act_name
 
 
 def residual_from_components(model, cache) -> Tensor:
     """The final residual stream rebuilt as embed + pos_embed + every attention and MLP output, [batch, pos, d_model]."""
-    resid = cache["hook_embed"] + cache["hook_pos_embed"]
+    resid = cache["embed"] + cache["pos_embed"]
     for layer in range(model.cfg.n_layers):
         resid = resid + cache["attn_out", layer]
         if not model.cfg.attn_only:
@@ -83,7 +84,7 @@ def logits_with_frozen_pattern(model, tokens: Tensor, pattern: Tensor, layer: in
     def freeze(_, hook):
         return pattern
 
-    return model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{layer}.attn.hook_pattern", freeze)])
+    return model.run_with_hooks(tokens, fwd_hooks=[(get_act_name("pattern", layer), freeze)])
 
 
 def fraction_ordered(scores: Tensor) -> float:
@@ -153,7 +154,7 @@ def accuracy_with_neuron_inputs(model, tokens: Tensor, targets: Tensor, pre: Ten
 
     from utils.tasks import IGNORE
 
-    logits = model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.mlp.hook_pre", replace)])
+    logits = model.run_with_hooks(tokens, fwd_hooks=[(get_act_name("pre", 0), replace)])
     keep = targets != IGNORE
     return ((logits.argmax(-1)[keep] - targets[keep]).abs() <= tolerance).float().mean().item()
 
@@ -164,7 +165,7 @@ def accuracy_keeping_frequencies(model, tokens: Tensor, targets: Tensor, freqs, 
     part always stays), with the measured attention; with keep=False those frequencies are removed instead."""
     from utils import fourier
 
-    _, cache = model.run_with_cache(tokens, names_filter="blocks.0.attn.hook_pattern")
+    _, cache = model.run_with_cache(tokens, names_filter=get_act_name("pattern", 0))
     freqs = list(freqs)
     if keep:
         transform = lambda m: fourier.keep_frequencies(m, freqs)  # noqa: E731
@@ -196,6 +197,21 @@ def attention_on_recent(pattern: Tensor, window: int = 2, head: int = 0) -> Tens
     k = torch.arange(n)[None, :]
     recent = (k <= q) & (k > q - window)
     return (pattern[:, head] * recent).sum(-1).mean(0)
+
+
+def mean_pattern_on_targets(pattern: Tensor, targets: Tensor, head: int = 0) -> Tensor:
+    """Mean attention pattern of one head, [query_pos, key_pos], each query row averaged over the inputs
+    that have a target at that position (padding and positions past a sequence's end left out).
+
+    pattern: [batch, head, query_pos, key_pos]; targets: [batch, pos] with IGNORE where there is none.
+    A position without any target (position 0) is averaged over every input.
+    """
+    from utils import tasks
+
+    counts = (targets != tasks.IGNORE).float()  # [batch, query_pos]
+    counts[:, counts.sum(0) == 0] = 1.0
+    weights = counts / counts.sum(0)
+    return torch.einsum("bqk,bq->qk", pattern[:, head], weights)
 
 
 # --------------------------------------------------------------------- paths through the residual stream
@@ -241,7 +257,7 @@ def naive_path_logits(model, cache) -> Tensor:
     all added before unembedding. That treats MLP(x + sum_k piece_k) as MLP(x) + sum_k MLP(piece_k),
     which the ReLU makes false; this function exists to measure by how much.
     """
-    x = cache["hook_embed"] + cache["hook_pos_embed"]
+    x = cache["embed"] + cache["pos_embed"]
     pieces = head_pieces(model, cache)
     through_mlp = mlp_output(model, x) + sum(mlp_output(model, piece) for piece in pieces)
     return (x + pieces.sum(0) + through_mlp) @ model.W_U + model.b_U
@@ -262,7 +278,7 @@ def unraveled_head_terms(model, cache, layer: int, head: int) -> dict[str, Tenso
     The head's value bias, if any, goes with "embed".
     """
     pattern = cache["pattern", layer][:, head]  # [batch, q, k]
-    sources = {"embed": cache["hook_embed"] + cache["hook_pos_embed"]}
+    sources = {"embed": cache["embed"] + cache["pos_embed"]}
     for earlier in range(layer):
         for h in range(model.cfg.n_heads):
             sources[f"L{earlier}H{h}"] = head_output(model, cache, earlier, h)

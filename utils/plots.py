@@ -10,6 +10,8 @@ import plotly.graph_objects as go
 import torch
 from torch import Tensor
 
+from utils import tasks
+
 _LAYOUT = dict(template="plotly_white", margin=dict(l=60, r=20, t=60, b=50))
 
 
@@ -83,7 +85,7 @@ def _pair_grid(values: Tensor, max_sum: int) -> Tensor:
     return grid
 
 
-def addition_grid(correct: Tensor, max_sum: int = 127, title: str = "Which sums the model gets right") -> go.Figure:
+def addition_grid(correct: Tensor, max_sum: int = tasks.ADDITION_MAX, title: str = "Which sums the model gets right") -> go.Figure:
     """Map over (a, b): 1 = correct, 0 = wrong, blank where a + b > max_sum. `correct` is [n_pairs] in addition_pairs order."""
     fig = px.imshow(_np(_pair_grid(correct, max_sum)), origin="lower", zmin=0, zmax=1,
                     color_continuous_scale=[[0, "#d62728"], [1, "#2ca02c"]],
@@ -91,7 +93,7 @@ def addition_grid(correct: Tensor, max_sum: int = 127, title: str = "Which sums 
     return fig.update_layout(**_LAYOUT, width=520, height=480)
 
 
-def pair_map(values: Tensor, title: str, color_label: str, max_sum: int = 127) -> go.Figure:
+def pair_map(values: Tensor, title: str, color_label: str, max_sum: int = tasks.ADDITION_MAX) -> go.Figure:
     """Map of one number per addition pair over (a, b), blank where a + b > max_sum; `values` in addition_pairs order."""
     fig = px.imshow(_np(_pair_grid(values, max_sum)), origin="lower", color_continuous_scale="Viridis",
                     labels=dict(x="b (second token)", y="a (first token)", color=color_label), title=title)

@@ -7,8 +7,9 @@ Inputs are bare token lists: no separators, no BOS token.
 
 - max_of_list: lists of values 0-63; at every position i >= 1 the target is max(tokens[0..i]).
 - addition:    [a, b] with a + b <= 127; the target a + b sits at position 1.
-- fibonacci:   x0..x4 with x[i+2] = x[i] + x[i+1]; at position i >= 1 the target is
-               x[i+1] wherever x[i+1] <= 127 (x5 lies beyond the input).
+- fibonacci:   any start pair x0 + x1 <= 127, run on by x[i+2] = x[i] + x[i+1] while the
+               elements stay <= 127, up to 5 tokens (padded after that); at position i >= 1
+               the target is x[i+1] wherever x[i+1] <= 127 (x5 lies beyond the input).
 - bigram:      a walk on a Markov chain with a known transition matrix; the target at
                position i is the next state of the walk.
 - induction:   12 distinct random tokens (of 64) followed by the same 12 again; at the
@@ -29,6 +30,9 @@ MAX_OF_LIST_VOCAB = 64
 MAX_OF_LIST_LENGTHS = range(2, 7)
 ADDITION_MAX = 127
 FIBONACCI_LENGTH = 5
+FIBONACCI_PAD = 0  # token after the end of a shorter sequence (its targets are IGNORE)
+SPLIT_TRAIN_FRACTION = 0.8  # the generalization checkpoints train on this share of the inputs
+SPLIT_SEED = 2024
 BIGRAM_VOCAB = 16
 BIGRAM_SEQ = 16
 INDUCTION_VOCAB = 64
@@ -83,32 +87,85 @@ def fibonacci_sequence(x0: int, x1: int, length: int) -> list[int]:
     return seq[:length]
 
 
+def fibonacci_valid_positions(tokens: Tensor) -> Tensor:
+    """Which positions still belong to the Fibonacci sequence, [batch, seq] bool.
+
+    Positions 0 and 1 always do; position j >= 2 does when tokens[j] = tokens[j-2] + tokens[j-1]
+    and every earlier position does. Padding after the end of a sequence breaks the rule
+    (the true next element is > the vocabulary's largest token), so it is never valid.
+    """
+    follows = torch.ones_like(tokens, dtype=torch.bool)
+    follows[..., 2:] = tokens[..., 2:] == tokens[..., :-2] + tokens[..., 1:-1]
+    return follows.cumprod(dim=-1).bool()
+
+
 def fibonacci_targets(tokens: Tensor, max_value: int = ADDITION_MAX) -> Tensor:
-    """Next Fibonacci element at every position i >= 1 where it is <= max_value, else IGNORE."""
-    nxt = torch.empty_like(tokens)
-    nxt[..., :-1] = tokens[..., 1:]
-    nxt[..., -1] = tokens[..., -1] + tokens[..., -2]
-    targets = torch.where(nxt <= max_value, nxt, torch.full_like(nxt, IGNORE))
-    targets[..., 0] = IGNORE
-    return targets
+    """Next Fibonacci element x[i+1] = x[i-1] + x[i] at every position i >= 1, [batch, seq].
+
+    IGNORE at position 0, wherever the next element exceeds max_value, and at positions
+    past the end of the sequence (padding; see fibonacci_valid_positions). Works for any
+    length 2 .. n_ctx.
+    """
+    nxt = torch.zeros_like(tokens)
+    nxt[..., 1:] = tokens[..., :-1] + tokens[..., 1:]
+    has_target = fibonacci_valid_positions(tokens) & (nxt <= max_value)
+    has_target[..., 0] = False
+    return torch.where(has_target, nxt, torch.full_like(nxt, IGNORE))
+
+
+def fibonacci_start_pairs(max_value: int = ADDITION_MAX) -> Tensor:
+    """Every start pair (x0, x1) with x0 + x1 <= max_value, [n_pairs, 2] ordered by x0 then x1 (8,256 for 127)."""
+    return addition_pairs(max_value)[0]
+
+
+def fibonacci_from_start_pairs(
+    pairs: Tensor, length: int = FIBONACCI_LENGTH, max_value: int = ADDITION_MAX, pad: int = FIBONACCI_PAD
+) -> tuple[Tensor, Tensor]:
+    """The sequences that start with `pairs` [n, 2], run on while <= max_value, padded to `length`.
+
+    Returns (tokens, targets), each [n, length]: elements past max_value become `pad`, and
+    their positions, like position 0, get IGNORE targets.
+    """
+    seqs = [pairs[:, 0], pairs[:, 1]]
+    while len(seqs) < length:
+        seqs.append(seqs[-2] + seqs[-1])
+    full = torch.stack(seqs[:length], dim=-1)  # may exceed max_value
+    inside = (full <= max_value).cumprod(dim=-1).bool()
+    tokens = torch.where(inside, full, torch.full_like(full, pad))
+    return tokens, fibonacci_targets(tokens, max_value)
 
 
 def fibonacci_sequences(
     length: int = FIBONACCI_LENGTH, max_value: int = ADDITION_MAX
 ) -> tuple[Tensor, Tensor]:
-    """Every valid sequence (all `length` elements <= max_value) and its targets.
+    """Every valid Fibonacci input, one row per start pair x0 + x1 <= max_value, and its targets.
 
-    A sequence is fixed by its first two elements; for length 5 and max 127 the last
-    element 2*x0 + 3*x1 must be <= 127.
+    For length 5 and max 127: 8,256 rows and 14,400 targets (8,256, 4,160, 1,408 and 576
+    at positions 1-4). A sequence shorter than `length` is padded (FIBONACCI_PAD) with
+    IGNORE targets; by causality the padding changes no prediction at a valid position.
     """
-    seqs = [
-        fibonacci_sequence(x0, x1, length)
-        for x0 in range(max_value + 1)
-        for x1 in range(max_value + 1)
-        if fibonacci_sequence(x0, x1, length)[-1] <= max_value
-    ]
-    tokens = torch.tensor(seqs)
-    return tokens, fibonacci_targets(tokens, max_value)
+    return fibonacci_from_start_pairs(fibonacci_start_pairs(max_value), length, max_value)
+
+
+def split_indices(n: int, train_fraction: float = SPLIT_TRAIN_FRACTION, seed: int = SPLIT_SEED) -> tuple[Tensor, Tensor]:
+    """A fixed random split of range(n) into (train, held_out) index tensors, sorted.
+
+    The seed is the split's own, not the training seed, so every model trained "on 80 %"
+    sees the same 80 %.
+    """
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    cut = round(train_fraction * n)
+    return order[:cut].sort().values, order[cut:].sort().values
+
+
+def split(tokens: Tensor, targets: Tensor) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """The rows of a data set cut by split_indices: ((tokens, targets) trained on, (tokens, targets) held out).
+
+    For addition the rows are pairs; for Fibonacci they are start pairs, so a held-out
+    sequence shares no start pair with the training set.
+    """
+    trained_on, held_out = split_indices(len(tokens))
+    return (tokens[trained_on], targets[trained_on]), (tokens[held_out], targets[held_out])
 
 
 # --------------------------------------------------------------------- bigram chain

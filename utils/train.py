@@ -1,8 +1,8 @@
 """Training: one short loop for every model, and the command that rebuilds the checkpoints.
 
-    python -m utils.train <name> [--seed N] [--out DIR]
+    python -m utils.train <name | all> [--seed N] [--out DIR] [--reuse]
 
-retrains `name` (bigram, max_of_list, addition, fibonacci, induction) from scratch, deterministically
+retrains `name` (any model of utils.models.SPECS, or all of them) from scratch, deterministically
 on the CPU, prints its accuracy report and writes data/models/<name>.{safetensors,json}.
 """
 
@@ -14,7 +14,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Callable
 
 import torch
@@ -22,29 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from utils import models, tasks
-
-
-@dataclass(frozen=True)
-class Recipe:
-    steps: int
-    lr: float
-    batch_size: int  # 0 means the whole data set every step
-    weight_decay: float = 0.0
-    warmup: int = 0  # linear warm-up steps, then cosine decay to lr / 20
-
-
-RECIPES: dict[str, Recipe] = {
-    "bigram": Recipe(steps=600, lr=1e-2, batch_size=256),
-    "max_of_list": Recipe(steps=1200, lr=3e-3, batch_size=1024, weight_decay=0.01, warmup=100),
-    # addition: full-batch at lr 1e-3 oscillates; minibatches, a larger lr, xavier init and a
-    # cosine decay reach 100 % on all 8,256 pairs reliably
-    "addition": Recipe(steps=1600, lr=1e-2, batch_size=1024, weight_decay=0.01, warmup=100),
-    "fibonacci": Recipe(steps=600, lr=1e-2, batch_size=0, weight_decay=0.01, warmup=100),
-    # induction: the loss is near zero after ~500 steps; the rest sharpens the previous-token
-    # and induction heads to ~0.99 attention. No weight decay: with 0.05 the heads are a little
-    # blunter (induction 0.93) and the K-composition scores barely move
-    "induction": Recipe(steps=1000, lr=1e-2, batch_size=128, warmup=100),
-}
+from utils.models import Recipe
 
 
 def loss_fn(logits: Tensor, targets: Tensor) -> Tensor:
@@ -61,31 +39,47 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tokens:
     return loss.item()
 
 
-def batch_sampler(name: str, batch_size: int, generator: torch.Generator) -> Callable[[], tuple[Tensor, Tensor]]:
-    """A function returning one training batch (tokens, targets) for task `name`."""
-    if name == "max_of_list":
-        return lambda: tasks.max_of_list_batch(batch_size, generator=generator)
-    if name == "bigram":
-        transitions = tasks.bigram_transition_matrix()
-        return lambda: tasks.bigram_batch(transitions, batch_size, generator=generator)
-    if name == "induction":
-        return lambda: tasks.induction_training_batch(batch_size, generator=generator)
-    tokens, targets = tasks.addition_pairs() if name == "addition" else tasks.fibonacci_sequences()
-    if batch_size == 0 or batch_size >= len(tokens):
-        return lambda: (tokens, targets)
+def length_groups(tokens: Tensor, targets: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """The rows of a padded batch grouped by their last target position, each group cut after it.
 
-    def sample() -> tuple[Tensor, Tensor]:
-        idx = torch.randint(0, len(tokens), (batch_size,), generator=generator)
-        return tokens[idx], targets[idx]
+    Returns [(tokens, targets)], one pair per length. Attention is causal, so what follows
+    a row's last target changes none of its logits at a target.
+    """
+    has_target = targets != tasks.IGNORE
+    ends = (has_target * torch.arange(1, targets.shape[1] + 1)).max(-1).values  # [batch], 0: no target
+    return [(tokens[ends == n, :n], targets[ends == n, :n]) for n in ends.unique().tolist() if n > 0]
 
-    return sample
+
+def train_step_on_groups(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tokens: Tensor,
+                         targets: Tensor) -> float:
+    """train_step for padded rows (Fibonacci): the same loss and gradient, without computing the padding.
+
+    Each length group runs on its own and its summed loss, divided by the batch's number of
+    targets, is backpropagated, so the gradients add up to those of the mean loss.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    n_targets = (targets != tasks.IGNORE).sum()
+    total = 0.0
+    for group_tokens, group_targets in length_groups(tokens, targets):
+        logits = model(group_tokens)
+        loss = F.cross_entropy(logits.flatten(0, 1), group_targets.flatten(), ignore_index=tasks.IGNORE,
+                               reduction="sum") / n_targets
+        loss.backward()
+        total += loss.item()
+    optimizer.step()
+    return total
+
+
+def step_function(name: str) -> Callable[..., float]:
+    """The training step `train` uses for model `name`: train_step, or train_step_on_groups for padded rows."""
+    return train_step_on_groups if models.spec(name).padded else train_step
 
 
 def lr_at(step: int, recipe: Recipe) -> float:
-    """Learning rate at `step`: linear warm-up, then cosine decay from lr to lr / 20."""
+    """Learning rate at `step`: linear warm-up, then cosine decay from lr to lr / 20 at recipe.steps, then lr / 20."""
     if step < recipe.warmup:
         return recipe.lr * (step + 1) / recipe.warmup
-    progress = (step - recipe.warmup) / max(1, recipe.steps - recipe.warmup)
+    progress = min(1.0, (step - recipe.warmup) / max(1, recipe.steps - recipe.warmup))
     return recipe.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -96,30 +90,42 @@ def train(
     seed: int = 0,
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
+    stop_at_target: bool = False,
 ) -> list[float]:
     """Train `model` on task `name` in place with AdamW; returns the loss at every step.
 
     `on_step(step, loss)` is called after every step (the notebooks use it for a live
     loss curve). Only parameters with requires_grad train, so frozen biases stay zero.
+    With `stop_at_target`, the model is evaluated every `recipe.check_every` steps,
+    training stops at the first evaluation that meets the model's target, and it may run
+    `recipe.extra_steps` beyond `recipe.steps` (at the final learning rate) to get there.
     """
     from tqdm.auto import tqdm
 
-    recipe = recipe or RECIPES[name]
+    spec = models.spec(name)
+    recipe = recipe or spec.recipe
     generator = torch.Generator().manual_seed(seed)
-    next_batch = batch_sampler(name, recipe.batch_size, generator)
+    next_batch = spec.batches(recipe.batch_size, generator)
+    step_fn = step_function(name)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     model.train()
     losses = []
-    bar = tqdm(range(recipe.steps), desc=f"training {name}", disable=not progress, mininterval=0.5)
+    total = recipe.steps + (recipe.extra_steps if stop_at_target else 0)
+    bar = tqdm(range(total), desc=f"training {name}", disable=not progress, mininterval=0.5)
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, recipe)
-        losses.append(train_step(model, optimizer, *next_batch()))
+        losses.append(step_fn(model, optimizer, *next_batch()))
         if step % 50 == 0:
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
         if on_step is not None:
             on_step(step, losses[-1])
+        if stop_at_target and recipe.check_every and (step + 1) % recipe.check_every == 0:
+            model.eval()
+            if spec.meets_target(spec.evaluate(model)):
+                break
+            model.train()
     model.eval()
     return losses
 
@@ -135,29 +141,52 @@ def train_checkpoint(name: str, seed: int = 0, out: str | None = None, progress:
     """Train `name` from scratch with its recipe, evaluate it, save it; returns (report, path)."""
     torch.manual_seed(seed)
     model = models.build_model(name, seed=seed)
-    recipe = RECIPES[name]
+    recipe = models.spec(name).recipe
     start = time.perf_counter()
-    train(model, name, recipe, seed=seed, progress=progress)
+    losses = train(model, name, recipe, seed=seed, progress=progress, stop_at_target=True)
     seconds = time.perf_counter() - start
     report = models.evaluate(model, name)
-    training = {"seed": seed, "recipe": asdict(recipe), "seconds": round(seconds, 1),
+    training = {"seed": seed, "recipe": asdict(recipe), "steps_run": len(losses), "seconds": round(seconds, 1),
                 "report": report, "meets_target": models.meets_target(name, report), "versions": versions()}
-    config = dict(models.CONFIGS[name], seed=seed)
+    config = dict(models.spec(name).config, seed=seed)
     path = models.save_checkpoint(model, name, config, training, out or models.MODELS_DIR)
     return report, path
 
 
+def is_current(name: str, seed: int, out: Path | str) -> bool:
+    """Whether <out>/<name>.json already holds a checkpoint of this seed, config and recipe that met its target."""
+    try:
+        meta = models.read_checkpoint_meta(name, out)
+    except models.CheckpointError:
+        return False
+    spec, training = models.spec(name), meta["training"]
+    return (meta["config"] == dict(spec.config, seed=seed) and training.get("recipe") == asdict(spec.recipe)
+            and training.get("meets_target") is True and (Path(out) / f"{name}.safetensors").is_file())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m utils.train", description=__doc__.splitlines()[0])
-    parser.add_argument("name", choices=sorted(RECIPES))
+    parser.add_argument("name", choices=[*models.SPECS, "all"], help="a model, or all of them")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="directory for the checkpoint (default data/models)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="skip a model whose checkpoint in --out already has this seed, config and recipe")
     args = parser.parse_args(argv)
-    report, path = train_checkpoint(args.name, args.seed, args.out)
-    ok = models.meets_target(args.name, report)
-    print(f"{args.name}: {report}")
-    print(f"saved {path} ({'meets' if ok else 'MISSES'} the target)")
-    return 0 if ok else 1
+    out = Path(args.out or models.MODELS_DIR)
+    missed = []
+    for name in models.SPECS if args.name == "all" else [args.name]:
+        if args.reuse and is_current(name, args.seed, out):
+            print(f"{name}: {out / name}.safetensors is current (seed {args.seed}), not retrained")
+            continue
+        report, path = train_checkpoint(name, args.seed, out, progress=sys.stderr.isatty())
+        ok = models.meets_target(name, report)
+        print(f"{name}: {report}")
+        print(f"saved {path} ({'meets' if ok else 'MISSES'} the target)")
+        if not ok:
+            missed.append(name)
+    if missed:
+        print(f"missed the target with seed {args.seed}: {', '.join(missed)} (fix the recipe in utils/models.py)")
+    return 1 if missed else 0
 
 
 if __name__ == "__main__":
