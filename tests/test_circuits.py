@@ -163,12 +163,14 @@ def test_keeping_every_frequency_keeps_full_accuracy(addition):
         assert circuits.accuracy_keeping_frequencies(model, tokens, targets, [], keep=False) == 1.0
 
 
-def test_four_key_frequencies_carry_much_but_not_all_of_addition(addition):
+def test_key_frequencies_carry_much_but_not_all_of_addition(addition):
     model, tokens, targets, _ = addition
     with torch.no_grad():
-        kept = circuits.accuracy_keeping_frequencies(model, tokens, targets, [1, 2, 3, 4])
-        removed = circuits.accuracy_keeping_frequencies(model, tokens, targets, [1, 2, 3, 4], keep=False)
-        kept_tol = circuits.accuracy_keeping_frequencies(model, tokens, targets, [1, 2, 3, 4], tolerance=2)
+        maps = torch.cat([circuits.token_to_neuron(model, k) for k in range(2)], dim=1)
+        key = fourier.key_frequencies(maps, coverage=0.9)
+        kept = circuits.accuracy_keeping_frequencies(model, tokens, targets, key)
+        removed = circuits.accuracy_keeping_frequencies(model, tokens, targets, key, keep=False)
+        kept_tol = circuits.accuracy_keeping_frequencies(model, tokens, targets, key, tolerance=2)
     chance = 1 / model.cfg.d_vocab
     assert 0.2 < kept < 0.7, kept
     assert kept > 10 * chance
