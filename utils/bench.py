@@ -2,7 +2,7 @@
 
     python -m utils.bench [--models NAME ...] [--notebooks PATH ...] [--no-notebooks] [--json FILE]
 
-1. Retrains every model in ``utils.models.SPECS`` from scratch (seed 0) with
+1. Retrains every timed model of ``utils.models.SPECS`` from scratch (seed 0) with
    ``utils.train.train``, evaluating every K steps with ``utils.models.evaluate`` and
    stopping at the first evaluation that ``meets_target``; the clock excludes evaluation.
    The same architecture written as a plain PyTorch module (``PlainTransformer``, started

@@ -189,7 +189,7 @@ def check_addition_pairs(fn: Callable) -> None:
     passed(ex)
 
 
-def fibonacci_check_inputs(max_value: int, length: int) -> Tensor:
+def _fibonacci_check_inputs(max_value: int, length: int) -> Tensor:
     """Fibonacci inputs for checking, [n, length]: targets equal to max_value, rows that end early, random rows.
 
     Padding is random tokens, not FIBONACCI_PAD, so a function that reads the padding shows it.
@@ -215,7 +215,7 @@ def check_fibonacci_targets(fn: Callable) -> None:
             "tokens[j-1] onwards (a cumulative product of that test along the positions finds them).")
     top, n = tasks.ADDITION_MAX, tasks.FIBONACCI_LENGTH
     for max_value, length in ((top, n), (int(torch.randint(20, 60, ())), n), (top, 3), (top, 2)):
-        tokens = fibonacci_check_inputs(max_value, length)
+        tokens = _fibonacci_check_inputs(max_value, length)
         where = f"{ex} with max_value={max_value} on sequences of {length} tokens"
         got = call_learner(fn, ex, tokens.clone(), max_value, hint=hint)
         expected = tasks.fibonacci_targets(tokens, max_value)
