@@ -1,7 +1,7 @@
 # Two commands after cloning:
 #   make lab    set up .venv and open the course in JupyterLab
 #   make test   set up .venv and run every test (unit tests, checkers, notebooks)
-# and, for developers and instructors: make test-browser, make chapters, make bench
+# and, for developers and instructors: make test-seeds, make test-browser, make chapters, make bench
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
