@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -71,6 +72,36 @@ def test_post_build_installs_the_package_and_lab_settings(tmp_path: Path) -> Non
 
     overrides = json.loads((ROOT / "binder" / "overrides.json").read_text())
     assert overrides["@jupyterlab/docmanager-extension:plugin"]["defaultViewers"]["markdown"] == "Markdown Preview"
+
+
+def test_binder_shuts_down_closed_and_idle_kernels() -> None:
+    """Several open chapters must fit in Binder's memory: a closed tab's kernel stops, idle ones are culled."""
+    import json
+
+    from jupyter_server.services.kernels.kernelmanager import MappingKernelManager
+
+    overrides = json.loads((ROOT / "binder" / "overrides.json").read_text())
+    tracker = overrides["@jupyterlab/notebook-extension:tracker"]
+    assert tracker == {"kernelShutdown": True}
+    schema = Path(sys.prefix, "share/jupyter/lab/schemas/@jupyterlab/notebook-extension/tracker.json")
+    assert set(tracker) <= set(json.loads(schema.read_text())["properties"]), "not a JupyterLab setting"
+
+    server = json.loads((ROOT / "binder" / "jupyter_server_config.json").read_text())["MappingKernelManager"]
+    assert set(server) <= set(MappingKernelManager.class_trait_names()), "not a kernel manager setting"
+    assert 0 < server["cull_idle_timeout"] <= 1800 and server["cull_connected"] is True and server["cull_interval"] > 0
+    post_build = (ROOT / "binder" / "postBuild").read_text()
+    assert 'cp binder/jupyter_server_config.json "$config/jupyter_server_config.json"' in post_build
+
+
+def test_the_kernel_culling_config_is_what_jupyter_server_loads(tmp_path: Path) -> None:
+    """postBuild puts the file in the user's Jupyter config folder; a server started there culls kernels."""
+    shutil.copy(ROOT / "binder" / "jupyter_server_config.json", tmp_path / "jupyter_server_config.json")
+    code = ("from jupyter_server.serverapp import ServerApp\n"
+            "app = ServerApp(); app.initialize(argv=['--no-browser', '--port=0'])\n"
+            "km = app.kernel_manager; print(km.cull_idle_timeout, km.cull_connected, km.cull_interval)")
+    env = dict(os.environ, JUPYTER_CONFIG_DIR=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.stdout.split() == ["900", "True", "60"], out.stderr[-500:]
 
 
 def test_every_binder_link_in_the_readme_is_generated() -> None:
