@@ -101,7 +101,7 @@ def test_the_kernel_culling_config_is_what_jupyter_server_loads(tmp_path: Path) 
             "km = app.kernel_manager; print(km.cull_idle_timeout, km.cull_connected, km.cull_interval)")
     env = dict(os.environ, JUPYTER_CONFIG_DIR=str(tmp_path))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert out.stdout.split() == ["900", "True", "60"], out.stderr[-500:]
+    assert out.stdout.split() == ["600", "True", "60"], out.stderr[-500:]
 
 
 def test_every_binder_link_in_the_readme_is_generated() -> None:
