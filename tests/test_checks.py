@@ -7,13 +7,37 @@ exercise label, what went wrong and a hint. Never a raw exception or a traceback
 from __future__ import annotations
 
 import math
+import types
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from utils import checks, circuits, fourier, models, tasks, train
+from utils import checks
+from utils import circuits as _circuits, fourier as _fourier, models as _models, tasks as _tasks, train as _train
 from utils.checks import CheckFailed
+
+
+class _Unwatched(types.SimpleNamespace):
+    """A utils module whose functions are copies with code objects of their own.
+
+    A checker fails a learner's function that calls its exercise's reference. The mistakes
+    below start from the reference and distort it, and the references stand in for a right
+    answer; through these copies (which call each other, not the originals) the checkers
+    judge them on their results.
+    """
+
+    def __init__(self, module) -> None:
+        namespace = dict(vars(module))
+        for name, value in vars(module).items():
+            if isinstance(value, types.FunctionType) and value.__module__ == module.__name__:
+                code = value.__code__.replace(co_name=f"{name}_copy", co_qualname=f"{name}_copy")
+                namespace[name] = types.FunctionType(code, namespace, name, value.__defaults__, value.__closure__)
+                namespace[name].__kwdefaults__ = value.__kwdefaults__
+        super().__init__(**{k: v for k, v in namespace.items() if not k.startswith("__")})
+
+
+circuits, fourier, models, tasks, train = map(_Unwatched, (_circuits, _fourier, _models, _tasks, _train))
 
 IGNORE = tasks.IGNORE
 NAN = float("nan")
@@ -33,7 +57,7 @@ CHECKS = {
                     lambda log_model, transitions, pi: pi @ (transitions * (transitions.log() - log_model)).sum(-1),
                     "Exercise 2.2"),
     "token_qk_circuit": (checks.check_token_qk_circuit, circuits.full_qk_tokens, "Exercise 3.1"),
-    "full_ov_circuit": (checks.check_full_ov_circuit, lambda model: circuits.full_ov(model).AB, "Exercise 3.2"),
+    "full_ov_circuit": (checks.check_full_ov_circuit, lambda model: model.W_E @ model.W_V[0, 0] @ model.W_O[0, 0] @ model.W_U, "Exercise 3.2"),
     "copying_score": (checks.check_copying_score, circuits.copying_score, "Exercise 3.3"),
     "positional_qk_circuit": (checks.check_positional_qk_circuit, circuits.full_qk_positional, "Exercise 4.1"),
     "fraction_ordered": (checks.check_fraction_ordered, circuits.fraction_ordered, "Exercise 4.2"),
@@ -42,8 +66,7 @@ CHECKS = {
     "keep_frequencies": (checks.check_keep_frequencies, fourier.keep_frequencies, "Exercise 5.3"),
     "attention_on_recent": (checks.check_attention_on_recent, circuits.attention_on_recent, "Exercise 6.1"),
     "positional_qk_scores": (checks.check_positional_qk_scores, circuits.positional_qk_scores, "Exercise 6.2"),
-    "one_layer_path_logits": (checks.check_one_layer_path_logits,
-                              lambda m, t, p: tuple(circuits.one_layer_path_logits(m, t, p).values()), "Exercise 7.1"),
+    "one_layer_path_logits": (checks.check_one_layer_path_logits, lambda m, t, p: paths_right(m, t, p), "Exercise 7.1"),
     "naive_path_logits": (checks.check_naive_path_logits, circuits.naive_path_logits, "Exercise 7.2"),
     "memory_management_cosines": (checks.check_memory_management_cosines, circuits.memory_management_cosines,
                                   "Exercise 7.5"),
@@ -565,6 +588,12 @@ def posqk_token_circuit(model):
 
 # chapter 07: one_layer_path_logits(model, tokens, pattern), naive_path_logits(model, cache),
 # memory_management_cosines(model), induction_attention(pattern, half), composition_score(a, b)
+def paths_right(model, tokens, pattern):
+    embedded = model.W_E[tokens] + model.W_pos[: tokens.shape[1]]
+    head = torch.einsum("bqk,bkd->bqd", pattern[:, 0], embedded @ model.W_V[0, 0]) @ model.W_O[0, 0] @ model.W_U
+    return embedded @ model.W_U, head
+
+
 def paths_forget_positions(model, tokens, pattern):
     embedded = model.W_E[tokens]
     head = torch.einsum("bqk,bkd->bqd", pattern[:, 0], embedded @ model.W_V[0, 0]) @ model.W_O[0, 0] @ model.W_U
@@ -578,7 +607,7 @@ def paths_pattern_transposed(model, tokens, pattern):
 
 
 def paths_as_sum(model, tokens, pattern):
-    return sum(circuits.one_layer_path_logits(model, tokens, pattern).values())
+    return sum(paths_right(model, tokens, pattern))
 
 
 def naive_true_mlp(model, cache):  # the MLP on the whole input: correct, so not the naive sum
@@ -999,3 +1028,126 @@ def test_new_checker_messages_are_specific():
 ])
 def test_new_checkers_reject_lists(check_name, fn):
     assert "got list" in _fails(check_name, fn)
+
+
+# ------------------------------------------------------------------ (e) guarding the grading
+@pytest.fixture
+def restore():
+    """Undo what a tampering function below changes, and forget that the checks were tampered with."""
+    undo: list[tuple[object, str, object]] = []
+
+    def replace(owner, name: str, value) -> None:
+        undo.append((owner, name, owner[name] if isinstance(owner, dict) else getattr(owner, name)))
+        owner.__setitem__(name, value) if isinstance(owner, dict) else setattr(owner, name, value)
+
+    yield replace
+    for owner, name, value in reversed(undo):
+        owner.__setitem__(name, value) if isinstance(owner, dict) else setattr(owner, name, value)
+    checks._STATE["untrusted"] = None
+
+
+def _ov_right(model):
+    return model.W_E @ model.W_V[0, 0] @ model.W_O[0, 0] @ model.W_U
+
+
+def test_a_function_that_calls_its_own_reference_fails():
+    message = _fails("full_ov_circuit", lambda model: _circuits.full_ov(model).AB)
+    assert "calls circuits.full_ov" in message and "yourself" in message
+    # a copy of the reference's code is still the reference
+    copy = types.FunctionType(_circuits.copying_score.__code__, vars(_circuits))
+    assert "calls circuits.copying_score" in _fails("copying_score", lambda matrix: copy(matrix))
+    # another exercise's reference is a helper like any other
+    checks.check_positional_qk_circuit(lambda model, q, k: _positional_from_tokens(model, q, k))
+
+
+def _positional_from_tokens(model, q, k):
+    shifted_q, shifted_k = model.W_E + model.W_pos[q], model.W_E + model.W_pos[k]
+    return shifted_q @ model.W_Q[0, 0] @ model.W_K[0, 0].T @ shifted_k.T / model.cfg.d_head ** 0.5 + 0 * _circuits.full_qk_tokens(model)
+
+
+@pytest.mark.parametrize("target", ["compare_tensors", "check_copying_score", "CheckFailed"])
+def test_a_function_that_rebinds_the_checks_fails_and_so_does_every_later_check(restore, target):
+    fake = (lambda *a, **k: None) if target != "CheckFailed" else type("Quiet", (Exception,), {})
+
+    def sneaky(model):
+        restore(checks, target, fake)
+        return _ov_right(model) * 2  # wrong, so only a replaced checker would pass it
+
+    with pytest.raises(Exception) as excinfo:  # with CheckFailed replaced, the failure is raised as the fake
+        checks.check_full_ov_circuit(sneaky)
+    message = str(excinfo.value)
+    assert checks.UNTRUSTED in message and target in message, message
+
+
+def test_torch_functions_are_guarded_too(restore):
+    def loosen_allclose(model):
+        restore(torch, "allclose", lambda *a, **k: True)
+        return torch.zeros(64, 64)
+
+    assert "torch.allclose" in _fails("full_ov_circuit", loosen_allclose)
+
+
+def test_the_notebooks_names_for_the_checks_are_guarded(restore):
+    def rebind_notebook_checks(model):  # this test module stands in for the notebook that called the check
+        restore(globals(), "checks", types.SimpleNamespace())
+        return _ov_right(model)
+
+    assert "the notebook's 'checks'" in _fails("full_ov_circuit", rebind_notebook_checks)
+
+
+def test_after_tampering_every_check_fails_until_the_kernel_restarts(restore):
+    def sneaky(model):
+        restore(checks, "passed", lambda exercise: None)
+        return _ov_right(model)
+
+    _fails("full_ov_circuit", sneaky)
+    message = _fails("copying_score", lambda matrix: float(torch.linalg.eigvals(matrix).real.sum()))
+    assert checks.UNTRUSTED in message and "Restart the kernel" in message
+
+
+def test_switching_off_the_reference_watch_is_tampering(restore):
+    def unwatched(model):
+        import sys
+        sys.setprofile(None)
+        return _circuits.full_ov(model).AB
+
+    assert "the reference watch" in _fails("full_ov_circuit", unwatched)
+
+
+def test_tensor_subclasses_and_float_subclasses_are_not_trusted():
+    class Agreeable(torch.Tensor):
+        pass
+
+    message = _fails("full_ov_circuit", lambda model: _ov_right(model).as_subclass(Agreeable))
+    assert "plain torch.Tensor" in message
+
+    class Close(float):
+        def __sub__(self, other):
+            return 0.0
+
+    assert "expected 1.0000, got 0.0000" in _fails("copying_score", lambda matrix: Close(0.0))
+
+
+def test_in_a_learners_jupyterlab_a_failed_check_prints_and_the_chapter_goes_on(monkeypatch, capsys):
+    monkeypatch.setenv("JPY_SESSION_NAME", "/home/learner/chapters/03_qk_ov.ipynb")
+    monkeypatch.delenv(checks.STRICT_ENV, raising=False)
+    assert not checks.strict()
+    checks.check_full_ov_circuit(_raise_not_implemented)  # returns
+    out = capsys.readouterr().out
+    assert "✗ Exercise 3.2 (full_ov_circuit): not implemented yet" in out and "goes on" in out
+    monkeypatch.setenv(checks.STRICT_ENV, "1")  # the grader's kernels, even under a Jupyter server
+    assert checks.strict()
+    _fails("full_ov_circuit", _raise_not_implemented)
+    monkeypatch.delenv("JPY_SESSION_NAME")
+    monkeypatch.setenv(checks.STRICT_ENV, "0")
+    assert not checks.strict()
+    monkeypatch.delenv(checks.STRICT_ENV)
+    assert checks.strict()  # nbval, nbclient, scripts
+
+
+def test_every_exercise_has_one_spec():
+    assert sorted(checks.EXERCISES) == sorted(label.split()[1] for _, _, label in CHECKS.values())
+    for number, spec in checks.EXERCISES.items():
+        assert spec.check is getattr(checks, f"check_{spec.function}")
+        assert spec.label == f"Exercise {number} ({spec.function})"
+        assert all(callable(ref) and ref.__module__.startswith("utils.") for ref in spec.references)

@@ -1,7 +1,8 @@
-"""utils.grade: per-exercise grading of learner notebooks on top of nbval."""
+"""utils.grade: grading submissions against the course's own chapter, and the tricks it resists."""
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -16,7 +17,9 @@ from utils import grade, notebooks
 ROOT = notebooks.REPO_ROOT
 CHAPTER = ROOT / "chapters" / "03_qk_ov.ipynb"
 SOLUTION = ROOT / "solutions" / "03_qk_ov.ipynb"
-EXERCISES = ["Exercise 3.1", "Exercise 3.2", "Exercise 3.3"]
+EXERCISES = ["3.1", "3.2", "3.3"]
+FUNCTIONS = {"3.1": "token_qk_circuit", "3.2": "full_ov_circuit", "3.3": "copying_score"}
+CLASS_TIMEOUT = 120  # seconds per notebook in the class run below (one submission hangs)
 
 
 def run_grade(*args: str) -> subprocess.CompletedProcess:
@@ -24,18 +27,66 @@ def run_grade(*args: str) -> subprocess.CompletedProcess:
                           timeout=900)
 
 
+def _replace_function(nb, function: str, source: str):
+    """The notebook with the cell that defines `function` replaced by `source`."""
+    [cell] = [c for c in nb.cells if c.cell_type == "code" and f"def {function}(" in c.source]
+    cell.source = source
+    return nb
+
+
+def _solved():
+    return nbformat.read(SOLUTION, as_version=4)
+
+
+def _untouched():
+    return nbformat.read(CHAPTER, as_version=4)
+
+
 # ------------------------------------------------------------------ without a kernel
-def test_exercises_are_named_by_the_heading_above_each_check() -> None:
-    nb = nbformat.read(CHAPTER, as_version=4)
-    names = [e.name for e in grade.exercises_in(nb)]
-    assert [n.split(" —")[0] for n in names] == EXERCISES
-    assert names[0] == "Exercise 3.1 — the token-only QK circuit"
+def test_exercises_stubs_and_functions_come_from_the_course_chapter() -> None:
+    exercises, stubs = grade.course_exercises(_untouched())
+    assert [e.number for e in exercises] == EXERCISES
+    assert exercises[0].name == "Exercise 3.1 — the token-only QK circuit"
+    assert {e.number: e.functions for e in exercises} == {n: [f] for n, f in FUNCTIONS.items()}
+    assert set(stubs) == set(FUNCTIONS.values())
 
 
-def test_a_check_without_heading_is_named_by_its_cell() -> None:
-    nb = new_notebook(cells=[new_markdown_cell("### Exercise 9.1 — first"), new_code_cell("f()", metadata={"tags": ["check"]}),
-                             new_code_cell("g()", metadata={"tags": ["check"]}), new_code_cell("h()")])
-    assert [e.name for e in grade.exercises_in(nb)] == ["Exercise 9.1 — first", "check in cell 2"]
+def test_the_chapter_is_found_by_title_or_file_name(tmp_path: Path) -> None:
+    nb = _untouched()
+    assert grade.identify_chapter(tmp_path / "whatever.ipynb", nb) == CHAPTER
+    untitled = new_notebook(cells=[new_code_cell("x = 1")])
+    assert grade.identify_chapter(tmp_path / "03_mine.ipynb", untitled) == CHAPTER
+    with pytest.raises(grade.NotGradable, match="cannot tell which chapter"):
+        grade.identify_chapter(tmp_path / "homework.ipynb", untitled)
+    with pytest.raises(grade.NotGradable, match="cannot tell which chapter"):
+        grade.identify_chapter(tmp_path / "033_x.ipynb", untitled)
+
+
+def test_only_imports_and_definitions_that_run_nothing_are_taken() -> None:
+    protected = grade.chapter_names(_untouched())
+    assert protected["checks"] == "utils.checks" and "model" in protected
+    source = "\n".join([
+        "import torch",
+        "import numpy as checks",  # rebinds the chapter's checks
+        "from utils.circuits import full_ov as full_ov_circuit",  # the reference under the exercise's name
+        "checks.check_full_ov_circuit = print",  # a top-level statement
+        "%time x = 1",  # a magic
+        "@staticmethod",
+        "def decorated(model): return 1",
+        "def sneaky(model, _=print('defined')): return 2",
+        "def model(x): return x",  # rebinds the chapter's model
+        "def helper(m: torch.Tensor, k: int = -1) -> torch.Tensor | None:\n    return m",
+        "def full_ov_circuit(model):\n    return helper(model.W_E)",
+    ])
+    code, left_out = grade.learner_code(source, "Exercise 3.2", protected, set(FUNCTIONS.values()))
+    assert grade._defined_functions(code) == ["helper", "full_ov_circuit"] and code.startswith("import torch")
+    reasons = " | ".join(left_out)
+    for fragment in ["import numpy as checks", "from utils.circuits import full_ov", "checks.check_full_ov_circuit",
+                     "run_line_magic", "def decorated", "def sneaky", "def model"]:
+        assert fragment in reasons, (fragment, reasons)
+    assert len(left_out) == 7
+    _, broken = grade.learner_code("def f(:\n  pass", "Exercise 3.2", protected, set())
+    assert "syntax error" in broken[0]
 
 
 def test_failure_message_keeps_the_checkers_line_or_the_error() -> None:
@@ -43,6 +94,12 @@ def test_failure_message_keeps_the_checkers_line_or_the_error() -> None:
     assert grade.failure_message(checker) == "expected 1, got 2. Hint: h"
     crash = "Notebook cell execution failed\nTraceback:\n  File x\nNameError: name 'model' is not defined\n"
     assert grade.failure_message(crash) == "NameError: name 'model' is not defined"
+
+
+def test_the_grader_knows_the_checkers_tampering_phrase() -> None:
+    from utils import checks
+
+    assert grade.UNTRUSTED == checks.UNTRUSTED
 
 
 @pytest.mark.parametrize(("content", "message"), [
@@ -59,38 +116,177 @@ def test_missing_or_broken_notebooks_get_a_clear_error(tmp_path: Path, content: 
     assert message in result.stdout and "Traceback" not in result.stdout + result.stderr
 
 
-# ------------------------------------------------------------------ running notebooks (slow)
-@pytest.mark.slow
-def test_unfilled_chapter_scores_zero_and_lists_every_exercise() -> None:
-    result = run_grade(str(CHAPTER))
-    assert result.returncode == 1, result.stdout + result.stderr
-    lines = result.stdout.splitlines()
-    for exercise in EXERCISES:
-        [line] = [line for line in lines if exercise in line]
-        assert line.strip().startswith("✗") and "not implemented yet" in line
-    assert "score 0/3" in result.stdout and "not an exercise" not in result.stdout
+def test_a_notebook_of_no_chapter_gets_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "homework.ipynb"
+    nbformat.write(new_notebook(cells=[new_markdown_cell("# My homework"), new_code_cell("1 + 1")]), path)
+    result = run_grade(str(path))
+    assert result.returncode == 2 and "cannot tell which chapter" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+# ------------------------------------------------------------------ a class of submissions (slow)
+def _submissions() -> dict[str, object]:
+    """learner -> submitted chapter 03: the honest ones and every trick the grader must resist."""
+    subs: dict[str, object] = {"solved": _solved(), "untouched": _untouched()}
+
+    no_checks = _untouched()
+    no_checks.cells = [c for c in no_checks.cells if "check" not in c.get("metadata", {}).get("tags", [])]
+    subs["deletes_checks"] = no_checks
+
+    untagged = _untouched()
+    for cell in untagged.cells:
+        cell.get("metadata", {}).pop("tags", None)
+    subs["untags_checks"] = untagged
+
+    printed = _untouched()
+    for cell in printed.cells:
+        if "check" in cell.get("metadata", {}).get("tags", []):
+            cell.source = 'print("✓ all checks passed.")'
+    subs["prints_a_pass"] = printed
+
+    rebinder = _untouched()  # its own cell, right after the imports, replaces every checker
+    rebinder.cells.insert(2, new_code_cell("for name in dir(checks):\n    if name.startswith('check_'):\n"
+                                           "        setattr(checks, name, lambda fn: print('✓ all checks passed.'))"))
+    subs["rebinds_in_a_cell"] = rebinder
+
+    subs["rebinds_when_called"] = _replace_function(_solved(), "token_qk_circuit", (
+        "from utils import checks\n\n"
+        "def token_qk_circuit(model):\n"
+        "    for name in ('check_full_ov_circuit', 'check_copying_score'):\n"
+        "        setattr(checks, name, lambda fn: print('✓ all checks passed.'))\n"
+        "    checks.compare_tensors = lambda *args, **kwargs: None\n"
+        "    return model.W_E[:, :1]\n"))
+
+    subs["rebinds_when_defined"] = _replace_function(_solved(), "full_ov_circuit", (
+        "from utils import checks\n\n"
+        "def full_ov_circuit(model, _=setattr(checks, 'check_full_ov_circuit', print)):\n"
+        "    return model.W_E\n"))
+
+    calls = _solved()
+    for function, reference in [("token_qk_circuit", "circuits.full_qk_tokens(model)"),
+                                ("full_ov_circuit", "circuits.full_ov(model).AB"),
+                                ("copying_score", "circuits.copying_score(matrix)")]:
+        argument = "matrix" if function == "copying_score" else "model"
+        _replace_function(calls, function, f"from utils import circuits\n\ndef {function}({argument}):\n"
+                                           f"    return {reference}\n")
+    subs["calls_references"] = calls
+
+    subs["missing_function"] = _replace_function(_solved(), "copying_score", "# I ran out of time\n")
+
+    extra = _solved()  # a stray top-level statement in an exercise cell is left out, the function kept
+    [cell] = [c for c in extra.cells if "def full_ov_circuit(" in c.source]
+    cell.source += "\nprint(full_ov_circuit(model).shape)\n"
+    subs["stray_statement"] = extra
+
+    subs["hangs"] = _replace_function(_solved(), "full_ov_circuit",
+                                      "def full_ov_circuit(model):\n    while True:\n        pass\n")
+    subs["kills_its_kernel"] = _replace_function(_solved(), "full_ov_circuit",
+                                                 "import os\n\ndef full_ov_circuit(model):\n    os._exit(1)\n")
+    return subs
+
+
+@pytest.fixture(scope="module")
+def graded_class(tmp_path_factory):
+    """Grade the whole class at once, two at a time, into a CSV; yields (learner -> report, csv rows, result)."""
+    folder = tmp_path_factory.mktemp("class")
+    paths = []
+    for learner, nb in _submissions().items():
+        (folder / learner).mkdir()
+        nbformat.write(nb, folder / learner / "03_qk_ov.ipynb")
+        paths.append(str(folder / learner / "03_qk_ov.ipynb"))
+    gradebook = folder / "grades.csv"
+    result = run_grade(*paths, "--json", "--csv", str(gradebook), "--jobs", "2", "--timeout", str(CLASS_TIMEOUT))
+    reports = {Path(r["path"]).parent.name: r for r in json.loads(result.stdout)["notebooks"]}
+    with open(gradebook, newline="") as f:
+        rows = {row["learner"]: row for row in csv.DictReader(f)}
+    return reports, rows, result
+
+
+def _verdicts(report) -> dict[str, bool]:
+    return {e["number"]: e["passed"] for e in report["exercises"]}
 
 
 @pytest.mark.slow
-def test_solution_scores_full_marks_and_json_agrees() -> None:
-    result = run_grade(str(SOLUTION), "--json")
+def test_the_class_grades_into_one_gradebook(graded_class) -> None:
+    reports, rows, result = graded_class
+    assert result.returncode == 1, result.stderr
+    assert set(rows) == set(_submissions())
+    assert list(next(iter(rows.values()))) == ["learner", "notebook", "chapter", "score", "max", *EXERCISES, "error"]
+    assert rows["solved"]["score"] == "3" and rows["solved"]["max"] == "3"
+    assert [rows["solved"][n] for n in EXERCISES] == ["1", "1", "1"]
+    assert rows["untouched"]["score"] == "0"
+    assert all(int(rows[learner]["score"]) == reports[learner]["score"] for learner in rows)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("learner", ["untouched", "deletes_checks", "untags_checks", "prints_a_pass",
+                                     "rebinds_in_a_cell"])
+def test_changing_the_check_cells_changes_nothing(graded_class, learner) -> None:
+    reports, _, _ = graded_class
+    report = reports[learner]
+    assert _verdicts(report) == {n: False for n in EXERCISES}
+    assert all("not implemented yet" in e["message"] for e in report["exercises"]), report["exercises"]
+    if learner == "rebinds_in_a_cell":
+        assert not any("left out" in note for note in report["left_out"])  # that cell is not an exercise's
+
+
+@pytest.mark.slow
+def test_rebinding_the_checks_when_called_fails_that_exercise_and_every_later_one(graded_class) -> None:
+    report = graded_class[0]["rebinds_when_called"]
+    assert _verdicts(report) == {n: False for n in EXERCISES}
+    first, *later = report["exercises"]
+    assert grade.UNTRUSTED in first["message"] and "check_full_ov_circuit" in first["message"], first
+    assert all("not trusted" in e["message"] and "Exercise 3.1" in e["message"] for e in later), later
+
+
+@pytest.mark.slow
+def test_code_that_runs_when_defined_is_left_out(graded_class) -> None:
+    report = graded_class[0]["rebinds_when_defined"]
+    assert _verdicts(report) == {"3.1": True, "3.2": False, "3.3": True}
+    assert any("def full_ov_circuit" in note and "run code when defined" in note for note in report["left_out"])
+    assert "not done" in " ".join(report["left_out"])
+
+
+@pytest.mark.slow
+def test_functions_that_call_their_reference_score_zero(graded_class) -> None:
+    report = graded_class[0]["calls_references"]
+    assert _verdicts(report) == {n: False for n in EXERCISES}
+    for e, reference in zip(report["exercises"], ["full_qk_tokens", "full_ov", "copying_score"]):
+        assert f"calls circuits.{reference}" in e["message"], e
+
+
+@pytest.mark.slow
+def test_a_missing_function_and_a_stray_statement_are_reported(graded_class) -> None:
+    reports, _, _ = graded_class
+    missing = reports["missing_function"]
+    assert _verdicts(missing) == {"3.1": True, "3.2": True, "3.3": False}
+    assert any("defines no function copying_score" in note for note in missing["left_out"])
+    stray = reports["stray_statement"]
+    assert _verdicts(stray) == {n: True for n in EXERCISES}
+    assert any("print(full_ov_circuit(model).shape)" in note for note in stray["left_out"])
+
+
+@pytest.mark.slow
+def test_a_hanging_or_dying_notebook_is_scored_on_what_ran(graded_class) -> None:
+    reports, rows, _ = graded_class
+    for learner in ("hangs", "kills_its_kernel"):
+        report = reports[learner]
+        assert report["error"] is None and _verdicts(report) == {"3.1": True, "3.2": False, "3.3": False}, report
+        assert rows[learner]["score"] == "1"
+    assert any("timeout" in line for line in reports["hangs"]["other_errors"] + [reports["hangs"]["exercises"][1]["message"]])
+    assert reports["hangs"]["seconds"] < CLASS_TIMEOUT + 60
+
+
+@pytest.mark.slow
+def test_solution_alone_scores_full_marks_and_exits_zero() -> None:
+    result = run_grade(str(SOLUTION))
     assert result.returncode == 0, result.stdout + result.stderr
-    report = json.loads(result.stdout)
-    [notebook] = report["notebooks"]
-    assert (notebook["score"], notebook["total"]) == (3, 3) and notebook["other_errors"] == []
-    assert all(e["passed"] for e in notebook["exercises"])
+    assert "score 3/3" in result.stdout
 
 
 @pytest.mark.slow
-def test_one_wrong_answer_fails_exactly_that_exercise(tmp_path: Path) -> None:
-    nb = nbformat.read(SOLUTION, as_version=4)
-    [cell] = [c for c in nb.cells if c.cell_type == "code" and "def full_ov_circuit" in c.source]
-    assert "model.W_U" in cell.source
-    cell.source = cell.source.replace("model.W_U", "model.W_U.flip(-1)")  # a learner's wrong answer
-    wrong = tmp_path / "03_qk_ov.ipynb"
-    nbformat.write(nb, wrong)
-    result = run_grade(str(wrong))
-    assert result.returncode == 1
-    verdicts = {ex: next(line.strip()[0] for line in result.stdout.splitlines() if ex in line) for ex in EXERCISES}
-    assert verdicts == {"Exercise 3.1": "✓", "Exercise 3.2": "✗", "Exercise 3.3": "✓"}, result.stdout
-    assert "Hint:" in result.stdout and "score 2/3" in result.stdout
+def test_one_trick_alone_exits_non_zero(tmp_path: Path) -> None:
+    path = tmp_path / "03_qk_ov.ipynb"
+    nbformat.write(_submissions()["calls_references"], path)
+    result = run_grade(str(path))
+    assert result.returncode == 1 and "score 0/3" in result.stdout, result.stdout

@@ -1,19 +1,55 @@
 """Exercise checkers: each compares the learner's function with the reference on fresh inputs.
 
-A checker prints one success line, or raises CheckFailed whose message says what was
-expected, what came back, and a hint. In Jupyter a CheckFailed shows as that short
-message only, never as a traceback.
+Every checker is registered in ``EXERCISES`` (one ``ExerciseSpec`` per exercise): its number,
+the learner's function it takes, and the functions in utils that compute the answer.
+
+A failed check is a ``CheckFailed`` whose one-paragraph message says what was expected, what
+came back, the likely mistake and a hint, never a traceback. Where it surfaces depends on who
+runs the chapter:
+
+- in a kernel a Jupyter server started (JupyterLab, Notebook, Binder: a learner working), the
+  check prints its ✗ message and returns, so Run All reaches the end of the chapter; the
+  chapter's later cells use the references in utils, never the learner's functions;
+- everywhere else (nbval, nbclient, ``python -m utils.grade``, the tests, a script), it raises
+  and its cell fails.
+
+``CIRCUITS_STRICT_CHECKS=1`` forces the second behaviour, ``=0`` the first.
+
+Checkers also guard the grading: a learner's function that calls its exercise's reference
+fails, and a checker that finds itself, its comparison functions or the references replaced
+(before it starts, or while the learner's function ran) fails the exercise and says so.
 """
 
 from __future__ import annotations
 
+import builtins
+import functools
 import math
+import os
+import sys
+import types
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+from transformer_lens import FactoredMatrix
 
+from utils import circuits, fourier, models, tasks, train
 from utils.tasks import IGNORE
+
+STRICT_ENV = "CIRCUITS_STRICT_CHECKS"
+# every tampering message carries this phrase; the grader scores later exercises 0 after it
+UNTRUSTED = "cannot be trusted"
+
+
+def strict() -> bool:
+    """True when a failed check raises (fails its cell); False when it prints its ✗ message and returns."""
+    flag = os.environ.get(STRICT_ENV, "").strip()
+    if flag:
+        return flag != "0"
+    return "JPY_SESSION_NAME" not in os.environ  # jupyter_server sets it for every kernel it starts
 
 
 class CheckFailed(Exception):
@@ -23,14 +59,152 @@ class CheckFailed(Exception):
         return [f"\x1b[31m✗ {self.args[0]}\x1b[0m"]
 
 
+@dataclass(frozen=True)
+class ExerciseSpec:
+    number: str  # "3.2"
+    function: str  # the learner's function the checker takes: "full_ov_circuit"
+    references: tuple[Callable, ...]  # the functions in utils that compute the answer
+    check: Callable  # check_<function>(fn): what a chapter's check cell calls
+
+    @property
+    def label(self) -> str:
+        return f"Exercise {self.number} ({self.function})"
+
+
+EXERCISES: dict[str, ExerciseSpec] = {}
+_STATE: dict[str, Any] = {"references": (), "namespace": {}, "caller": {}, "untrusted": None}
+
+
+def exercise(number: str, *references: Callable) -> Callable:
+    """Register ``check_<function>(fn, ex)`` as the checker of exercise `number`.
+
+    The registered checker takes only the learner's function; `ex` is the exercise's label. It
+    verifies that nothing it relies on was replaced, raises or prints a failure as ``strict()``
+    says, and makes ``call_learner`` reject calls of `references` from the learner's function.
+    """
+
+    def register(body: Callable) -> Callable:
+        spec_function = body.__name__.removeprefix("check_")
+        label = f"Exercise {number} ({spec_function})"
+
+        @functools.wraps(body)
+        def check(fn: Callable) -> None:
+            caller = sys._getframe(1).f_globals
+            try:
+                if _STATE["untrusted"]:
+                    raise CheckFailed(f"{label}: {_STATE['untrusted']}")
+                _STATE.update(references=references, namespace=caller, caller=_course_names(caller))
+                _verify_untouched(label, "before this check ran")
+                body(fn, label)
+            except CheckFailed as failure:
+                if strict():
+                    raise failure.with_traceback(None) from None
+                print(f"\x1b[31m✗ {failure.args[0]}\x1b[0m")
+                print("  (the chapter goes on without it: later cells use the course's own code; come back to this "
+                      "exercise when you are ready)")
+
+        EXERCISES[number] = ExerciseSpec(number, spec_function, references, check)
+        return check
+
+    return register
+
+
 def passed(exercise: str) -> None:
     print(f"✓ {exercise}: all checks passed.")
 
 
+# ------------------------------------------------------------------ guarding the checks
+def _course_names(namespace: dict) -> dict[str, Any]:
+    """The names in a notebook's namespace bound to the course's modules or checkers."""
+    ours = set(map(id, _GUARDED_MODULES)) | {id(spec.check) for spec in EXERCISES.values()}
+    return {name: value for name, value in namespace.items() if id(value) in ours}
+
+
+def _shell_hooks() -> dict[str, Any]:
+    """IPython's hooks that decide how a cell runs and how its errors show (empty outside IPython)."""
+    shell = getattr(builtins, "get_ipython", lambda: None)()
+    if shell is None:
+        return {}
+    # a method as the instance or its class holds it (getattr would make a new bound method each time)
+    found = {f"IPython.{name}": vars(shell).get(name, getattr(type(shell), name, None)) for name in
+             ("run_cell", "run_cell_async", "run_ast_nodes", "run_code", "showtraceback", "_showtraceback",
+              "transform_cell", "CustomTB", "set_custom_exc")}
+    found["IPython.custom_exceptions"] = tuple(getattr(shell, "custom_exceptions", ()))
+    for name in ("input_transformers_post", "input_transformers_cleanup", "ast_transformers"):
+        found[f"IPython.{name}"] = tuple(map(id, getattr(shell, name, ())))
+    return found
+
+
+def _guarded_objects() -> dict[str, Any]:
+    """Everything the checks rely on, by name: the course's modules, torch's and Python's functions."""
+    found: dict[str, Any] = {}
+    for module in _GUARDED_MODULES:
+        found[f"sys.modules[{module.__name__!r}]"] = sys.modules.get(module.__name__)
+        for name, value in vars(module).items():
+            if name.startswith("__") or (module is builtins and name not in _GUARDED_BUILTINS):
+                continue
+            key = f"{module.__name__}.{name}"
+            found[key] = value
+            if isinstance(value, types.FunctionType):
+                found[key + ".__code__"] = value.__code__
+                found[key + ".__defaults__"] = value.__defaults__
+                found[key + ".__kwdefaults__"] = value.__kwdefaults__
+    for cls in (Tensor, torch._C.TensorBase, FactoredMatrix, CheckFailed, ExerciseSpec):
+        found.update({f"{cls.__qualname__}.{name}": value for name, value in vars(cls).items()})
+    for spec in EXERCISES.values():
+        found[f"{spec.label} code"] = spec.check.__code__
+        for i, cell in enumerate(spec.check.__closure__ or ()):
+            found[f"{spec.label} closure {i}"] = cell.cell_contents
+            if isinstance(cell.cell_contents, types.FunctionType):
+                found[f"{spec.label} closure {i} code"] = cell.cell_contents.__code__
+    found.update(_shell_hooks())
+    return found
+
+
+def _verify_untouched(exercise: str, when: str, also_changed: tuple[str, ...] = ()) -> None:
+    """Raise CheckFailed naming what was replaced since the course's code was imported.
+
+    Besides the course's modules and torch's functions, it compares the notebook's own names
+    for the course's modules and checkers (``checks`` in ``checks.check_...``) with what they
+    were bound to when this check started.
+    """
+    now = _guarded_objects()
+    changed = [name for name, value in _ORIGINALS.items() if now.get(name, _MISSING) is not value
+               and not (isinstance(value, tuple) and now.get(name) == value)]
+    namespace = _STATE["namespace"]
+    changed += [f"the notebook's {name!r}" for name, value in _STATE["caller"].items()
+                if namespace.get(name, _MISSING) is not value]
+    changed += also_changed
+    changed = list(dict.fromkeys(name.split(".__")[0] for name in changed))  # f, not f and f.__code__
+    if changed:
+        shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+        _STATE["untrusted"] = (f"the course's code was changed {when} ({shown}), so the checks in this kernel "
+                               f"{UNTRUSTED}. Restart the kernel and run the chapter again without changing the "
+                               "course's code.")
+        raise CheckFailed(f"{exercise}: {_STATE['untrusted']}")
+
+
 def call_learner(fn: Callable, exercise: str, *args: Any, hint: str = "", **kwargs: Any) -> Any:
-    """Call the learner's function, turning 'not implemented' and crashes into CheckFailed."""
+    """Call the learner's function, turning 'not implemented', crashes and calls of the answer into CheckFailed.
+
+    While the function runs, a profiler notes every call of the exercise's references (unless
+    `fn` is one of them: the course's tests pass the references themselves); afterwards the
+    course's code is verified untouched.
+    """
+    watched = {ref.__code__: f"{ref.__module__.removeprefix('utils.')}.{ref.__qualname__}"
+               for ref in _STATE["references"]}
+    if getattr(fn, "__code__", None) in watched:
+        watched = {}
+    called: list[str] = []
+
+    def note_reference_calls(frame, event, arg):
+        if event == "call" and frame.f_code in watched:
+            called.append(watched[frame.f_code])
+
+    previous = sys.getprofile()
+    sys.setprofile(note_reference_calls)
     try:
-        return fn(*args, **kwargs)
+        result = fn(*args, **kwargs)
     except NotImplementedError:
         raise CheckFailed(f"{exercise}: not implemented yet. Fill in the function in the cell above, "
                           f"run that cell, then run this check again.") from None
@@ -40,6 +214,15 @@ def call_learner(fn: Callable, exercise: str, *args: Any, hint: str = "", **kwar
         first_line = (str(err).strip().splitlines() or [""])[0]
         raise CheckFailed(f"{exercise}: your function raised {type(err).__name__}: {first_line}"
                           + (f" Hint: {hint}" if hint else "")) from None
+    finally:
+        watch_kept = sys.getprofile() is note_reference_calls
+        sys.setprofile(previous)
+        _verify_untouched(exercise, "while your function ran", () if watch_kept else ("the reference watch",))
+    if called:
+        raise CheckFailed(f"{exercise}: your function calls {called[0]}, the course's own answer to this exercise, "
+                          "so the check learns nothing about your code. Hint: write the computation yourself; the "
+                          "exercise's hint lists the pieces.")
+    return result
 
 
 def compare_tensors(got: Any, expected: Tensor, exercise: str, hint: str, atol: float = 1e-5, rtol: float = 1e-4,
@@ -47,6 +230,9 @@ def compare_tensors(got: Any, expected: Tensor, exercise: str, hint: str, atol: 
     """Raise CheckFailed unless `got` is a tensor matching `expected` in shape, dtype kind and values."""
     if not isinstance(got, Tensor):
         raise CheckFailed(f"{exercise}: expected the {what} to be a torch.Tensor, got {type(got).__name__}. Hint: {hint}")
+    if type(got) not in (Tensor, torch.nn.Parameter):  # a subclass could answer every comparison as it likes
+        raise CheckFailed(f"{exercise}: expected the {what} to be a plain torch.Tensor, got a {type(got).__name__}. "
+                          "Hint: return the result of torch operations, not a tensor subclass.")
     if tuple(got.shape) != tuple(expected.shape):
         raise CheckFailed(f"{exercise}: expected the {what} to have shape {tuple(expected.shape)}, "
                           f"got {tuple(got.shape)}. Hint: {hint}")
@@ -68,18 +254,17 @@ def compare_tensors(got: Any, expected: Tensor, exercise: str, hint: str, atol: 
 
 def compare_float(got: Any, expected: float, exercise: str, hint: str, what: str, atol: float = 1e-4) -> None:
     """Raise CheckFailed unless `got` is a finite number (or one-element tensor) within atol of `expected`."""
-    if isinstance(got, Tensor) and got.numel() == 1:
+    if type(got) in (Tensor, torch.nn.Parameter) and got.numel() == 1:
         got = got.item()
-    if not isinstance(got, (float, int)):
+    if isinstance(got, bool) or not isinstance(got, (float, int)):
         raise CheckFailed(f"{exercise}: expected a float, got {type(got).__name__}. Hint: {hint}")
+    got = float.__float__(got) if isinstance(got, float) else float(int.__int__(got))  # numpy floats, not subclass tricks
     if not math.isfinite(got) or abs(got - expected) > atol:
         raise CheckFailed(f"{exercise}: for {what} expected {expected:.4f}, got {got:.4f}. Hint: {hint}")
 
 
 def _random_models() -> list:
     """Freshly initialised max_of_list (attention only) and addition (with MLP) models with non-zero biases."""
-    from utils import models
-
     out = []
     for name in ("max_of_list", "addition"):
         seed = int(torch.randint(0, 10_000, ()))
@@ -93,8 +278,6 @@ def _random_models() -> list:
 
 def _fresh_model(name: str):
     """A freshly initialised model for task `name` with a random seed (biases zero)."""
-    from utils import models
-
     return models.build_model(name, seed=int(torch.randint(0, 10_000, ())))
 
 
@@ -105,37 +288,33 @@ def _random_causal_pattern(batch: int, heads: int, n: int) -> Tensor:
 
 
 # ------------------------------------------------------------------ chapter 00: tour
-def check_residual_from_components(fn: Callable) -> None:
-    from utils import circuits
-
-    ex = "Exercise 0.1 (residual_from_components)"
+@exercise("0.1", circuits.residual_from_components)
+def check_residual_from_components(fn: Callable, ex: str) -> None:
     hint = ("add cache['hook_embed'], cache['hook_pos_embed'], and for every layer cache['attn_out', layer] "
             "and, unless model.cfg.attn_only, cache['mlp_out', layer].")
     for name, model in _random_models():
         tokens = torch.randint(0, model.cfg.d_vocab, (4, model.cfg.n_ctx))
         _, cache = model.run_with_cache(tokens)
+        expected = circuits.residual_from_components(model, cache)  # first: the learner may change its inputs
         got = call_learner(fn, ex, model, cache, hint=hint)
-        compare_tensors(got, circuits.residual_from_components(model, cache), f"{ex} on the {name} model", hint, atol=1e-4)
+        compare_tensors(got, expected, f"{ex} on the {name} model", hint, atol=1e-4)
     passed(ex)
 
 
-def check_attention_pattern(fn: Callable) -> None:
-    from utils import circuits
-
-    ex = "Exercise 0.2 (attention_pattern)"
+@exercise("0.2", circuits.attention_pattern)
+def check_attention_pattern(fn: Callable, ex: str) -> None:
     hint = ("scores[b, h, q, k] = q[b, q, h] . k[b, k, h] / sqrt(d_head); set keys after the query (k > q) "
             "to -inf, then softmax over the key axis (the last one).")
     for batch, pos, heads, d_head in [(3, 6, 1, 32), (2, 5, 3, 8)]:
         q, k = torch.randn(batch, pos, heads, d_head), torch.randn(batch, pos, heads, d_head)
+        expected = circuits.attention_pattern(q, k)
         got = call_learner(fn, ex, q, k, hint=hint)
-        compare_tensors(got, circuits.attention_pattern(q, k), ex, hint, atol=1e-5)
+        compare_tensors(got, expected, ex, hint, atol=1e-5)
     passed(ex)
 
 
-def check_rotate_residual_stream(fn: Callable) -> None:
-    from utils import models
-
-    ex = "Exercise 0.3 (rotate_residual_stream)"
+@exercise("0.3", models.rotate_residual_stream)
+def check_rotate_residual_stream(fn: Callable, ex: str) -> None:
     for name, model in _random_models():
         state = {k: v.clone() for k, v in model.state_dict().items()}
         R = torch.linalg.qr(torch.randn(model.cfg.d_model, model.cfg.d_model))[0]
@@ -160,23 +339,20 @@ def check_rotate_residual_stream(fn: Callable) -> None:
 
 
 # ------------------------------------------------------------------ chapter 01: training
-def check_max_of_list_targets(fn: Callable) -> None:
-    from utils import tasks
-
-    ex = "Exercise 1.1 (max_of_list_targets)"
+@exercise("1.1", tasks.max_of_list_targets)
+def check_max_of_list_targets(fn: Callable, ex: str) -> None:
     hint = ("the target at position i is the largest of tokens[..., :i+1] (a running maximum: torch.cummax), "
             "and position 0 has no target: set it to IGNORE (-1).")
     for length in (2, 4, 6):
         tokens = torch.randint(0, tasks.MAX_OF_LIST_VOCAB, (16, length))
+        expected = tasks.max_of_list_targets(tokens)
         got = call_learner(fn, ex, tokens.clone(), hint=hint)
-        compare_tensors(got, tasks.max_of_list_targets(tokens), ex, hint)
+        compare_tensors(got, expected, ex, hint)
     passed(ex)
 
 
-def check_addition_pairs(fn: Callable) -> None:
-    from utils import tasks
-
-    ex = "Exercise 1.2 (addition_pairs)"
+@exercise("1.2", tasks.addition_pairs)
+def check_addition_pairs(fn: Callable, ex: str) -> None:
     hint = ("include every pair with a + b <= max_sum (0 included, the bound too), ordered by a then b; targets "
             "are IGNORE (-1) at position 0 and a + b at position 1.")
     for max_sum in (int(torch.randint(3, 12, ())), tasks.ADDITION_MAX):
@@ -194,8 +370,6 @@ def _fibonacci_check_inputs(max_value: int, length: int) -> Tensor:
 
     Padding is random tokens, not FIBONACCI_PAD, so a function that reads the padding shows it.
     """
-    from utils import tasks
-
     tokens, targets = tasks.fibonacci_sequences(length, max_value)
     valid = tasks.fibonacci_valid_positions(tokens)
     tokens = torch.where(valid, tokens, torch.randint(0, max_value + 1, tokens.shape))
@@ -206,10 +380,8 @@ def _fibonacci_check_inputs(max_value: int, length: int) -> Tensor:
     return tokens[chosen]
 
 
-def check_fibonacci_targets(fn: Callable) -> None:
-    from utils import tasks
-
-    ex = "Exercise 1.3 (fibonacci_targets)"
+@exercise("1.3", tasks.fibonacci_targets, tasks.fibonacci_valid_positions)
+def check_fibonacci_targets(fn: Callable, ex: str) -> None:
     hint = ("at position i >= 1 the target is x[i-1] + x[i]. It is IGNORE at position 0, where that sum exceeds "
             "max_value, and on padding: every position from the first j >= 2 with tokens[j] != tokens[j-2] + "
             "tokens[j-1] onwards (a cumulative product of that test along the positions finds them).")
@@ -235,25 +407,22 @@ def check_fibonacci_targets(fn: Callable) -> None:
     passed(ex)
 
 
-def check_loss_fn(fn: Callable) -> None:
-    from utils import tasks, train
-
-    ex = "Exercise 1.4 (loss_fn)"
+@exercise("1.4", train.loss_fn)
+def check_loss_fn(fn: Callable, ex: str) -> None:
     hint = ("F.cross_entropy wants [N, vocab] logits and [N] targets: flatten batch and position, and pass "
             "ignore_index=IGNORE so that positions without a target do not count (the mean is over the rest).")
     logits = 3 * torch.randn(8, 6, 64)
     targets = torch.randint(0, 64, (8, 6))
     targets[:, 0] = tasks.IGNORE
     targets[torch.rand(8, 6) < 0.3] = tasks.IGNORE
+    expected = train.loss_fn(logits, targets)
     got = call_learner(fn, ex, logits.clone(), targets.clone(), hint=hint)
-    compare_tensors(got, train.loss_fn(logits, targets), ex, hint, what="loss")
+    compare_tensors(got, expected, ex, hint, what="loss")
     passed(ex)
 
 
-def check_train_step(fn: Callable) -> None:
-    from utils import models, tasks, train
-
-    ex = "Exercise 1.5 (train_step)"
+@exercise("1.5", train.train_step)
+def check_train_step(fn: Callable, ex: str) -> None:
     seed = int(torch.randint(0, 10_000, ()))
     mine, theirs = models.build_model("max_of_list", seed=seed), models.build_model("max_of_list", seed=seed)
     opt_mine = torch.optim.AdamW([p for p in mine.parameters() if p.requires_grad], lr=1e-2)
@@ -279,24 +448,21 @@ def check_train_step(fn: Callable) -> None:
 
 
 # ------------------------------------------------------------------ chapter 02: zero-layer models
-def check_bigram_log_table(fn: Callable) -> None:
-    from utils import models
-
-    ex = "Exercise 2.1 (bigram_log_table)"
+@exercise("2.1", models.bigram_table)
+def check_bigram_log_table(fn: Callable, ex: str) -> None:
     hint = ("multiply W_E [vocab, d_model] by W_U [d_model, vocab] (in that order), add b_U, and take "
             "log_softmax over the last axis (the next token).")
     model = _fresh_model("bigram")
     with torch.no_grad():
         model.b_U.copy_(0.1 * torch.randn_like(model.b_U))
+        expected = models.bigram_table(model)
         got = call_learner(fn, ex, model, hint=hint)
-        compare_tensors(got, models.bigram_table(model), ex, hint, atol=1e-4)
+        compare_tensors(got, expected, ex, hint, atol=1e-4)
     passed(ex)
 
 
-def check_kl_to_chain(fn: Callable) -> None:
-    from utils import tasks
-
-    ex = "Exercise 2.2 (kl_to_chain)"
+@exercise("2.2")
+def check_kl_to_chain(fn: Callable, ex: str) -> None:
     hint = ("per row, KL(true || model) = sum_next T[cur, next] * (log T[cur, next] - log_model[cur, next]); "
             "then weight the rows by the stationary distribution pi and sum.")
     transitions = tasks.bigram_transition_matrix(8, seed=int(torch.randint(0, 10_000, ())))
@@ -315,36 +481,32 @@ def check_kl_to_chain(fn: Callable) -> None:
 # ------------------------------------------------------------------ chapter 03: QK and OV circuits
 
 
-def check_token_qk_circuit(fn: Callable) -> None:
-    from utils import circuits
-
-    ex = "Exercise 3.1 (token_qk_circuit)"
+@exercise("3.1", circuits.full_qk_tokens)
+def check_token_qk_circuit(fn: Callable, ex: str) -> None:
     hint = ("rows are query tokens, columns key tokens: W_E @ W_Q[0, 0] @ W_K[0, 0].T @ W_E.T, divided by "
             "sqrt(d_head) like the attention scores.")
     model = _fresh_model("max_of_list")
     with torch.no_grad():
+        expected = circuits.full_qk_tokens(model)
         got = call_learner(fn, ex, model, hint=hint)
-        compare_tensors(got, circuits.full_qk_tokens(model), ex, hint, atol=1e-4)
+        compare_tensors(got, expected, ex, hint, atol=1e-4)
     passed(ex)
 
 
-def check_full_ov_circuit(fn: Callable) -> None:
-    from utils import circuits
-
-    ex = "Exercise 3.2 (full_ov_circuit)"
+@exercise("3.2", circuits.full_ov)
+def check_full_ov_circuit(fn: Callable, ex: str) -> None:
     hint = ("follow a token through the head: embed (W_E), value (W_V[0, 0]), output (W_O[0, 0]), unembed (W_U); "
             "rows are attended tokens, columns output logits. Return a plain tensor (use .AB on a FactoredMatrix).")
     model = _fresh_model("max_of_list")
     with torch.no_grad():
+        expected = circuits.full_ov(model).AB
         got = call_learner(fn, ex, model, hint=hint)
-        compare_tensors(got, circuits.full_ov(model).AB, ex, hint, atol=1e-4)
+        compare_tensors(got, expected, ex, hint, atol=1e-4)
     passed(ex)
 
 
-def check_copying_score(fn: Callable) -> None:
-    from utils import circuits
-
-    ex = "Exercise 3.3 (copying_score)"
+@exercise("3.3", circuits.copying_score)
+def check_copying_score(fn: Callable, ex: str) -> None:
     hint = ("take the (complex) eigenvalues with torch.linalg.eigvals, then return the real part of their sum "
             "divided by the sum of their absolute values, as a float.")
     cases = [torch.eye(6), -torch.eye(6), torch.randn(10, 10), torch.randn(10, 10) + 3 * torch.eye(10),
@@ -356,24 +518,21 @@ def check_copying_score(fn: Callable) -> None:
 
 
 # ------------------------------------------------------------------ chapter 04: positions in QK
-def check_positional_qk_circuit(fn: Callable) -> None:
-    from utils import circuits
-
-    ex = "Exercise 4.1 (positional_qk_circuit)"
+@exercise("4.1", circuits.full_qk_positional)
+def check_positional_qk_circuit(fn: Callable, ex: str) -> None:
     hint = ("queries come from W_E + W_pos[query_pos], keys from W_E + W_pos[key_pos]: "
             "(W_E + W_pos[q]) @ W_Q[0, 0] @ W_K[0, 0].T @ (W_E + W_pos[k]).T / sqrt(d_head).")
     model = _fresh_model("max_of_list")
     with torch.no_grad():
         for q, k in [(5, 2), (3, 3), (4, 0)]:
+            expected = circuits.full_qk_positional(model, q, k)
             got = call_learner(fn, ex, model, q, k, hint=hint)
-            compare_tensors(got, circuits.full_qk_positional(model, q, k), f"{ex} at query {q}, key {k}", hint, atol=1e-4)
+            compare_tensors(got, expected, f"{ex} at query {q}, key {k}", hint, atol=1e-4)
     passed(ex)
 
 
-def check_fraction_ordered(fn: Callable) -> None:
-    from utils import circuits
-
-    ex = "Exercise 4.2 (fraction_ordered)"
+@exercise("4.2", circuits.fraction_ordered)
+def check_fraction_ordered(fn: Callable, ex: str) -> None:
     hint = ("for every row (query token) and every pair of key tokens b < c, count whether scores[row, c] > "
             "scores[row, b] (strictly); return the fraction of all such comparisons as a float.")
     cases = [torch.arange(5.0).repeat(3, 1), -torch.arange(5.0).repeat(3, 1), torch.randn(7, 9),
@@ -385,120 +544,110 @@ def check_fraction_ordered(fn: Callable) -> None:
 
 
 # ------------------------------------------------------------------ chapter 05: MLP effective weights
-def check_token_to_neuron(fn: Callable) -> None:
-    from utils import circuits
-
-    ex = "Exercise 5.1 (token_to_neuron)"
+@exercise("5.1", circuits.token_to_neuron)
+def check_token_to_neuron(fn: Callable, ex: str) -> None:
     hint = ("follow a token through the head into the MLP: (W_E + W_pos[source_pos]) @ W_V[0, 0] @ W_O[0, 0] "
             "@ W_in[0]; rows are tokens, columns neurons. No W_U: the ReLU stands between W_in and W_out.")
     model = _fresh_model("addition")
     with torch.no_grad():
         for pos in (0, 1):
+            expected = circuits.token_to_neuron(model, pos)
             got = call_learner(fn, ex, model, pos, hint=hint)
-            compare_tensors(got, circuits.token_to_neuron(model, pos), f"{ex} at source position {pos}", hint,
+            compare_tensors(got, expected, f"{ex} at source position {pos}", hint,
                             atol=1e-3, rtol=1e-3)
     passed(ex)
 
 
-def check_frequency_power(fn: Callable) -> None:
-    from utils import fourier
-
-    ex = "Exercise 5.2 (frequency_power)"
+@exercise("5.2", fourier.frequency_power)
+def check_frequency_power(fn: Callable, ex: str) -> None:
     hint = ("torch.fft.rfft(values, dim=0, norm='ortho').abs() ** 2 gives one entry per frequency 0 .. n // 2; "
             "double the frequencies that stand for a pair (1 .. (n - 1) // 2) so the entries add up to "
             "(values ** 2).sum(0).")
     x = torch.arange(128.0)
     cases = [torch.cos(2 * torch.pi * 3 * x / 128)[:, None], torch.randn(128, 5), torch.randn(9, 3), torch.randn(10)]
     for values in cases:
+        expected = fourier.frequency_power(values)
         got = call_learner(fn, ex, values.clone(), hint=hint)
-        compare_tensors(got, fourier.frequency_power(values), f"{ex} on a {tuple(values.shape)} input", hint,
+        compare_tensors(got, expected, f"{ex} on a {tuple(values.shape)} input", hint,
                         atol=1e-3, rtol=1e-3, what="power")
     passed(ex)
 
 
-def check_keep_frequencies(fn: Callable) -> None:
-    from utils import fourier
-
-    ex = "Exercise 5.3 (keep_frequencies)"
+@exercise("5.3", fourier.keep_frequencies)
+def check_keep_frequencies(fn: Callable, ex: str) -> None:
     hint = ("take torch.fft.rfft along dim 0, zero every coefficient except the constant (index 0) and the listed "
             "frequencies, and go back with torch.fft.irfft(..., n=values.shape[0], dim=0).")
     cases = [(torch.randn(128, 6), [1, 2, 3, 4]), (torch.randn(128, 3), [7]), (torch.randn(12, 2), []),
              (torch.randn(11, 4), [2, 5])]
     for values, freqs in cases:
+        expected = fourier.keep_frequencies(values, freqs)
         got = call_learner(fn, ex, values.clone(), list(freqs), hint=hint)
-        compare_tensors(got, fourier.keep_frequencies(values, freqs), f"{ex} keeping {freqs} of a "
+        compare_tensors(got, expected, f"{ex} keeping {freqs} of a "
                         f"{tuple(values.shape)} map", hint, atol=1e-4, rtol=1e-3)
     passed(ex)
 
 
 # ------------------------------------------------------------------ chapter 06: fibonacci
-def check_attention_on_recent(fn: Callable) -> None:
-    from utils import circuits
-
-    ex = "Exercise 6.1 (attention_on_recent)"
+@exercise("6.1", circuits.attention_on_recent)
+def check_attention_on_recent(fn: Callable, ex: str) -> None:
     hint = ("for query position q add pattern[:, 0, q, q] and pattern[:, 0, q, q - 1] (only the first at q = 0), "
             "then average over the batch: one number per query position.")
     for batch, n in [(7, 5), (3, 4)]:
         pattern = _random_causal_pattern(batch, 1, n)
+        expected = circuits.attention_on_recent(pattern)
         got = call_learner(fn, ex, pattern.clone(), hint=hint)
-        compare_tensors(got, circuits.attention_on_recent(pattern), f"{ex} on a {tuple(pattern.shape)} pattern",
+        compare_tensors(got, expected, f"{ex} on a {tuple(pattern.shape)} pattern",
                         hint, what="attention per query position")
     passed(ex)
 
 
-def check_positional_qk_scores(fn: Callable) -> None:
-    from utils import circuits
-
-    ex = "Exercise 6.2 (positional_qk_scores)"
+@exercise("6.2", circuits.positional_qk_scores)
+def check_positional_qk_scores(fn: Callable, ex: str) -> None:
     hint = ("only the positions: (W_pos @ W_Q[0, 0]) @ (W_pos @ W_K[0, 0]).T / sqrt(d_head); rows are query "
             "positions, columns key positions, no W_E.")
     model = _fresh_model("fibonacci")
     with torch.no_grad():
         model.W_pos.mul_(10)  # a fresh W_pos is tiny; scale it so mistakes stand far above the tolerance
+        expected = circuits.positional_qk_scores(model)
         got = call_learner(fn, ex, model, hint=hint)
-        compare_tensors(got, circuits.positional_qk_scores(model), ex, hint, atol=1e-4, rtol=1e-3)
+        compare_tensors(got, expected, ex, hint, atol=1e-4, rtol=1e-3)
     passed(ex)
 
 
 # ------------------------------------------------------------------ chapter 07: paths through the residual stream
-def check_one_layer_path_logits(fn: Callable) -> None:
-    from utils import circuits
-
-    ex = "Exercise 7.1 (one_layer_path_logits)"
+@exercise("7.1", circuits.one_layer_path_logits)
+def check_one_layer_path_logits(fn: Callable, ex: str) -> None:
     hint = ("direct = (W_E[tokens] + W_pos[:n]) @ W_U; head = einsum('bqk,bkd->bqd', pattern[:, 0], embedded @ W_V[0, 0]) "
             "@ W_O[0, 0] @ W_U. Return the two as a tuple (direct, head), each [batch, pos, vocab].")
     model = _fresh_model("max_of_list")
     tokens = torch.randint(0, model.cfg.d_vocab, (5, model.cfg.n_ctx))
     pattern = torch.rand(5, 1, model.cfg.n_ctx, model.cfg.n_ctx).tril().softmax(-1)  # any pattern: the expansion is linear
     with torch.no_grad():
-        got = call_learner(fn, ex, model, tokens, pattern, hint=hint)
+        expected = circuits.one_layer_path_logits(model, tokens, pattern)
+        got = call_learner(fn, ex, model, tokens.clone(), pattern.clone(), hint=hint)
         if not (isinstance(got, tuple) and len(got) == 2):
             raise CheckFailed(f"{ex}: expected a tuple (direct, head), got {type(got).__name__}. Hint: {hint}")
-        expected = circuits.one_layer_path_logits(model, tokens, pattern)
         compare_tensors(got[0], expected["direct"], ex, hint, atol=1e-3, rtol=1e-3, what="direct path")
         compare_tensors(got[1], expected["head 0"], ex, hint, atol=1e-3, rtol=1e-3, what="head path")
     passed(ex)
 
 
-def check_naive_path_logits(fn: Callable) -> None:
-    from utils import circuits
-
-    ex = "Exercise 7.2 (naive_path_logits)"
+@exercise("7.2", circuits.naive_path_logits)
+def check_naive_path_logits(fn: Callable, ex: str) -> None:
     hint = ("x = embed + pos_embed; pieces = circuits.head_pieces(model, cache) (one per source position); add x, "
             "every piece, mlp_output(x) and mlp_output(piece) for every piece separately, then @ W_U + b_U.")
     model = _fresh_model("addition")
     tokens = torch.randint(0, model.cfg.d_vocab, (16, model.cfg.n_ctx))
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens)
+        expected = circuits.naive_path_logits(model, cache)
         got = call_learner(fn, ex, model, cache, hint=hint)
-        compare_tensors(got, circuits.naive_path_logits(model, cache), ex, hint, atol=1e-3, rtol=1e-3, what="logits")
+        compare_tensors(got, expected, ex, hint, atol=1e-3, rtol=1e-3, what="logits")
     passed(ex)
 
 
-def check_memory_management_cosines(fn: Callable) -> None:
-    from utils import circuits, models
-
-    ex = "Exercise 7.5 (memory_management_cosines)"
+@exercise("7.5", circuits.memory_management_cosines)
+def check_memory_management_cosines(fn: Callable, ex: str) -> None:
     hint = ("neuron n reads along W_in[0][:, n] (a column) and writes along W_out[0][n, :] (a row); "
             "torch.nn.functional.cosine_similarity(W_in[0].T, W_out[0], dim=-1) gives all of them.")
     seed = int(torch.randint(0, 10_000, ()))
@@ -509,29 +658,27 @@ def check_memory_management_cosines(fn: Callable) -> None:
     state["blocks.0.mlp.out.weight"][:, : n // 2] = -state["blocks.0.mlp.in.weight"][: n // 2].T
     model = models.model_from_state(dict(models.spec("addition").config, seed=seed), state)
     with torch.no_grad():
+        expected = circuits.memory_management_cosines(model)
         got = call_learner(fn, ex, model, hint=hint)
-        compare_tensors(got, circuits.memory_management_cosines(model), ex, hint, atol=1e-4, what="cosines")
+        compare_tensors(got, expected, ex, hint, atol=1e-4, what="cosines")
     passed(ex)
 
 
-def check_induction_attention(fn: Callable) -> None:
-    from utils import circuits
-
-    ex = "Exercise 7.3 (induction_attention)"
+@exercise("7.3", circuits.induction_attention)
+def check_induction_attention(fn: Callable, ex: str) -> None:
     hint = ("for every query q in the second copy (q >= half), take pattern[:, :, q, q - half + 1] and average "
             "over the batch and those queries: one number per head.")
     for batch, heads, half in [(6, 2, 4), (3, 3, 5)]:
         pattern = _random_causal_pattern(batch, heads, 2 * half)
+        expected = circuits.induction_attention(pattern, half)
         got = call_learner(fn, ex, pattern.clone(), half, hint=hint)
-        compare_tensors(got, circuits.induction_attention(pattern, half), f"{ex} with half={half}", hint,
+        compare_tensors(got, expected, f"{ex} with half={half}", hint,
                         what="attention per head")
     passed(ex)
 
 
-def check_composition_score(fn: Callable) -> None:
-    from utils import circuits
-
-    ex = "Exercise 7.4 (composition_score)"
+@exercise("7.4", circuits.composition_score)
+def check_composition_score(fn: Callable, ex: str) -> None:
     hint = "||A @ B||_F / (||A||_F * ||B||_F): torch.linalg.matrix_norm is the Frobenius norm by default."
     cases = [(torch.eye(4), torch.eye(4)), (torch.randn(6, 3), torch.randn(3, 6)),
              (torch.randn(5, 5), torch.randn(5, 5)), (torch.tensor([[1.0, 0.0]]).T, torch.tensor([[0.0, 1.0]]))]
@@ -540,3 +687,14 @@ def check_composition_score(fn: Callable) -> None:
         compare_float(got, circuits.composition_score(a, b), ex, hint, f"a {tuple(a.shape)} @ {tuple(b.shape)} product",
                       atol=1e-5)
     passed(ex)
+
+
+# ------------------------------------------------------------------ the originals, taken once
+_MISSING = object()
+# (not all of builtins: ipykernel swaps `input` in and out around every cell)
+_GUARDED_BUILTINS = {"abs", "all", "any", "bool", "callable", "dict", "float", "getattr", "hasattr", "int",
+                     "isinstance", "issubclass", "len", "list", "max", "min", "range", "round", "set", "sorted", "str",
+                     "sum", "tuple", "type", "zip", "Exception", "NotImplementedError"}
+_GUARDED_MODULES = (sys.modules[__name__], circuits, fourier, models, tasks, train, torch, torch.linalg, torch.fft, F,
+                    math, builtins)
+_ORIGINALS = _guarded_objects()
