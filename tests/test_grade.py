@@ -19,7 +19,7 @@ CHAPTER = ROOT / "chapters" / "03_qk_ov.ipynb"
 SOLUTION = ROOT / "solutions" / "03_qk_ov.ipynb"
 EXERCISES = ["3.1", "3.2", "3.3"]
 FUNCTIONS = {"3.1": "token_qk_circuit", "3.2": "full_ov_circuit", "3.3": "copying_score"}
-CLASS_TIMEOUT = 120  # seconds per notebook in the class run below (one submission hangs)
+CLASS_TIMEOUT = 90  # seconds per notebook in the class run below (one submission hangs)
 
 
 def run_grade(*args: str) -> subprocess.CompletedProcess:

@@ -413,6 +413,25 @@ def grade_notebook(path: Path, timeout: int = 600) -> Report:
     return report
 
 
+def grade_all(paths: list[Path], jobs: int = 1, timeout: int = 600, progress=None) -> list[Report]:
+    """Grade every submission, `jobs` at a time; reports in the order of `paths`.
+
+    `progress(done, path, report)` is called as each one finishes.
+    """
+    done = 0
+
+    def grade(path: Path) -> Report:
+        nonlocal done
+        report = grade_notebook(path, timeout)
+        done += 1
+        if progress:
+            progress(done, path, report)
+        return report
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        return list(pool.map(grade, paths))
+
+
 # ------------------------------------------------------------------ reports
 def format_report(reports: list[Report]) -> str:
     lines = []
@@ -467,21 +486,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.jobs < 1 or args.timeout < 1:
         parser.error("--jobs and --timeout must be at least 1")
 
-    done = 0
-
-    def grade(path: Path) -> Report:
-        nonlocal done
-        report = grade_notebook(path, args.timeout)
-        done += 1
+    def progress(done: int, path: Path, report: Report) -> None:
         verdict = report.error.split(": ", 1)[-1][:60] if report.error else f"{report.score}/{len(report.exercises)}"
         print(f"[{done}/{len(args.notebooks)}] {path}: {verdict}", file=sys.stderr, flush=True)
-        return report
 
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        reports = list(pool.map(grade, args.notebooks))
+    reports = grade_all(args.notebooks, jobs=args.jobs, timeout=args.timeout, progress=progress)
     print(to_json(reports) if args.json else format_report(reports), flush=True)
     if args.csv:
-        write_gradebook(reports, args.csv)
+        try:
+            write_gradebook(reports, args.csv)
+        except OSError as err:
+            print(f"error: cannot write the gradebook {args.csv}: {err.strerror or err}", file=sys.stderr)
+            return 2
         print(f"gradebook: {args.csv} ({len(reports)} rows)", file=sys.stderr)
     if any(r.error for r in reports):
         return 2
