@@ -216,12 +216,15 @@ def chapter_names(nb) -> dict[str, str | None]:
     return names
 
 
-def learner_code(source: str, exercise: str, protected: dict[str, str | None], own: set[str]) -> tuple[str, list[str]]:
+def learner_code(source: str, exercise: str, protected: dict[str, str | None], own: set[str],
+                 given: str = "") -> tuple[str, list[str]]:
     """The imports and function definitions of a learner's cell, and what was left out of it and why.
 
     `protected` are the chapter's own names (an import may bind one only to what the chapter
-    binds it to; a definition not at all); `own` are the exercise functions, which no import may bind.
+    binds it to; a definition not at all); `own` are the exercise functions, which no import may
+    bind; `given` is the code the chapter's stub cell provides, which is left out without a note.
     """
+    provided = {ast.dump(node) for node in ast.parse(given).body}
     python = _python(source)
     try:
         tree = ast.parse(python)
@@ -235,6 +238,8 @@ def learner_code(source: str, exercise: str, protected: dict[str, str | None], o
 
     for node in tree.body:
         segment = ast.get_source_segment(python, node, padded=True)
+        if ast.dump(node) in provided:
+            continue  # the chapter runs its own copy of it
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             bound = _import_targets(node)
             if bad := sorted(n for n, target in bound.items() if n in own or (n in protected and protected[n] != target)):
@@ -270,7 +275,8 @@ def graded_notebook(course_nb, exercises: list[Exercise], stubs: dict[str, int],
         if not defining:
             report.left_out.append(f"{label}: the submission defines no function {function}, so it is graded as not done")
             continue
-        code, left_out = learner_code(defining[-1].source, label, protected, own)
+        given = _given_code(course_nb.cells[stub_index].source)
+        code, left_out = learner_code(defining[-1].source, label, protected, own, given)
         if function not in _defined_functions(code):
             report.left_out.extend(left_out)
             report.left_out.append(f"{label}: no gradable definition of {function} was found, so it is graded as not done")
