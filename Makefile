@@ -39,8 +39,9 @@ test-seeds: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow and not browser" tests
 
-# every solutions notebook in a real JupyterLab in headless Chromium (Debian's chromium package,
-# installed here when missing; needs root or sudo); screenshots land in screenshots/
+# every solutions notebook and every unfilled chapter in a real JupyterLab in headless Chromium
+# (Debian's chromium package, installed here when missing; needs root or sudo); screenshots land in
+# screenshots/
 test-browser: $(STAMP)
 	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
 	$(BIN)/python -m pytest -q -m browser tests/test_browser.py
