@@ -100,15 +100,37 @@ def test_notebook_runner_reports_pass_fail_and_empty_folder(tmp_path, capsys):
     nbformat.write(nbformat.v4.new_notebook(cells=cells), bad)
 
     ok = bench.run_notebook(good, timeout=60)
-    assert ok["passed"] and ok["error"] is None and ok["peak_rss"] > 0 and ok["ok"]
+    assert ok["passed"] and ok["error"] is None and ok["ok"]
+    assert 0 < ok["final_rss"] <= ok["peak_rss"]
     failed = bench.run_notebook(bad, timeout=60)
     assert not failed["passed"] and not failed["ok"]
     assert failed["error"] == "ValueError: boom"
+    assert failed["final_rss"] is None  # not "after Run All": the run stopped early
 
     empty = tmp_path / "empty"
     empty.mkdir()
     assert bench.main(["--models", "--notebooks", str(empty)]) == 0
     assert "none found" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # starts Jupyter kernels (a few seconds)
+def test_notebook_runner_reads_what_the_kernel_still_holds_after_the_last_cell(tmp_path, monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    big = 256 * 2**20
+    held, freed = tmp_path / "held.ipynb", tmp_path / "freed.ipynb"
+    fill = f"block = b'x' * {big}"  # written bytes, so resident
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(fill)]), held)
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(fill + "\ndel block")]), freed)
+
+    kept, released = bench.run_notebook(held, timeout=60), bench.run_notebook(freed, timeout=60)
+    assert kept["passed"] and released["passed"]
+    assert kept["final_rss"] - released["final_rss"] > 0.8 * big  # held memory counts, freed does not
+    assert released["peak_rss"] - released["final_rss"] > 0.8 * big  # ... though the peak saw it
+    assert kept["ok"]
+
+    monkeypatch.setattr(bench, "NOTEBOOK_TARGET_FINAL_RSS", big // 2)  # below what `held` keeps
+    again = bench.run_notebook(held, timeout=60)
+    assert again["passed"] and again["peak_rss"] <= bench.NOTEBOOK_TARGET_RSS and not again["ok"]
 
 
 class _FakeMaxModel(torch.nn.Module):
@@ -133,13 +155,28 @@ def test_max_of_list_screen_agrees_with_evaluate():
     assert not models.meets_target("max_of_list", models.evaluate(flawed, "max_of_list"))
 
 
-def test_report_adds_up_the_whole_course_against_its_target():
-    def result(seconds: list[float]) -> dict:
-        runs = [{"notebook": f"solutions/0{i}_x.ipynb", "passed": True, "seconds": s, "peak_rss": 600 * 2**20,
-                 "ok": True, "error": None} for i, s in enumerate(seconds)]
-        return {"env": {}, "training": [], "bench_peak_rss": None, "notebooks": {"source": "solutions/", "results": runs}}
+def _notebooks_result(seconds: list[float], final_mb: list[int] | None = None) -> dict:
+    final_mb = final_mb or [500] * len(seconds)
+    runs = [{"notebook": f"solutions/0{i}_x.ipynb", "passed": True, "seconds": s, "peak_rss": 800 * 2**20,
+             "final_rss": f * 2**20, "ok": f * 2**20 <= bench.NOTEBOOK_TARGET_FINAL_RSS, "error": None}
+            for i, (s, f) in enumerate(zip(seconds, final_mb))]
+    return {"env": {}, "training": [], "bench_peak_rss": None, "notebooks": {"source": "solutions/", "results": runs}}
 
-    [quick] = [line for line in bench.format_report(result([40.0, 50.0])).splitlines() if line.startswith("whole course")]
+
+def test_report_shows_each_notebooks_memory_after_the_run_next_to_its_peak():
+    lines = bench.format_report(_notebooks_result([10.0, 10.0], final_mb=[600, 700])).splitlines()
+    header = next(line for line in lines if line.startswith("notebook"))
+    assert header.split()[:7] == ["notebook", "result", "seconds", "peak", "RSS", "after", "run"]
+    first, second = (next(line for line in lines if line.startswith(f"solutions/0{i}_x.ipynb")) for i in (0, 1))
+    assert first.split()[3:7] == ["800", "MB", "600", "MB"] and first.split()[-1] == "ok"
+    assert second.split()[3:7] == ["800", "MB", "700", "MB"] and second.split()[-1] == "OVER"
+    assert "after <= 650 MB" in first  # the target is printed beside the figure
+    [course] = [line for line in lines if line.startswith("whole course")]
+    assert course.split()[4:8] == ["800", "MB", "700", "MB"]  # the worst chapter
+
+
+def test_report_adds_up_the_whole_course_against_its_target():
+    [quick] = [line for line in bench.format_report(_notebooks_result([40.0, 50.0])).splitlines() if line.startswith("whole course")]
     assert "90.0" in quick and quick.split()[-1] == "ok"
-    [slow] = [line for line in bench.format_report(result([200.0, 150.0])).splitlines() if line.startswith("whole course")]
+    [slow] = [line for line in bench.format_report(_notebooks_result([200.0, 150.0])).splitlines() if line.startswith("whole course")]
     assert "350.0" in slow and slow.split()[-1] == "OVER"
