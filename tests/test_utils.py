@@ -7,12 +7,14 @@ import json
 import math
 import re
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformer_lens import TransformerBridge, TransformerBridgeConfig
 
+import utils
 from utils import circuits, models, tasks, train
 
 IGNORE = tasks.IGNORE
@@ -702,3 +704,69 @@ def test_reuse_skips_only_a_current_checkpoint(tmp_path, monkeypatch, capsys):
     changed = dataclasses.replace(tiny, steps=301)  # another recipe: retrain
     monkeypatch.setitem(models.SPECS, "bigram", dataclasses.replace(models.spec("bigram"), recipe=changed))
     assert not train.is_current("bigram", 5, tmp_path)
+
+
+# --------------------------------------------------------------------- memory in a notebook kernel
+def _fake_shell() -> SimpleNamespace:
+    """Just enough of an IPython shell: its event callbacks."""
+    from IPython.core.events import EventManager, available_events
+
+    return SimpleNamespace(events=EventManager(None, available_events))
+
+
+_HEAP_HOLES = """
+import json, psutil, torch, utils
+rss = lambda: psutil.Process().memory_info().rss
+torch.ones(2**18)  # freeing one 1 MB block makes glibc serve the next ones from its heap
+kept, freed = [], []
+for i in range(256):
+    (kept if i % 2 else freed).append(torch.ones(2**18))  # 1 MB each, touched, alternately kept
+del freed  # 128 MB of holes between live blocks: nothing at the heap's top to give back
+before = rss()
+released = utils.release_freed_memory()
+print(json.dumps({"released": released, "drop": before - rss()}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's heap behaviour")
+def test_release_freed_memory_gives_the_freed_heap_back():
+    """glibc keeps freed MB-sized blocks in the heap (a chapter's kernel grew with every big
+    computation); release_freed_memory hands them back. In a fresh interpreter: the test
+    needs a heap in a known state."""
+    import subprocess
+
+    pytest.importorskip("psutil")
+    out = subprocess.run([sys.executable, "-c", _HEAP_HOLES], capture_output=True, text=True, check=True)
+    found = json.loads(out.stdout.strip().splitlines()[-1])
+    if not found["released"]:
+        pytest.skip("this C library has no malloc_trim")
+    assert found["drop"] > 96 * 2**20
+
+
+def test_memory_is_released_after_every_notebook_cell_once(monkeypatch):
+    calls = []
+    monkeypatch.setattr(utils, "_malloc_trim", lambda pad: calls.append(pad) or 1)
+    shell = _fake_shell()
+    utils.release_memory_after_every_cell(shell)
+    utils.release_memory_after_every_cell(shell)  # importing utils again registers nothing more
+    shell.events.trigger("post_run_cell", None)
+    assert calls == [0]
+
+
+class _LibcWithoutTrim:
+    """A C library without malloc_trim (macOS, musl): looking the symbol up fails, as in ctypes."""
+
+    def __getattr__(self, name):
+        raise AttributeError(name)
+
+
+def test_memory_release_does_nothing_without_malloc_trim(monkeypatch):
+    import ctypes
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda *_: _LibcWithoutTrim())
+    assert utils._find_malloc_trim() is None
+    monkeypatch.setattr(utils, "_malloc_trim", None)
+    assert utils.release_freed_memory() is False
+    shell = _fake_shell()
+    utils.release_memory_after_every_cell(shell)
+    assert shell.events.callbacks["post_run_cell"] == []
