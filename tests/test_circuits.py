@@ -163,6 +163,17 @@ def test_keeping_every_frequency_keeps_full_accuracy(addition):
         assert circuits.accuracy_keeping_frequencies(model, tokens, targets, [], keep=False) == 1.0
 
 
+def test_keeping_frequencies_in_chunks_counts_every_target_once(fibonacci):
+    """Chunks hold different numbers of targets (the padding has none): the accuracy is over all
+    targets together, not a mean over chunks."""
+    model, tokens, targets, _ = fibonacci
+    whole = circuits.accuracy_keeping_frequencies(model, tokens, targets, [1, 2, 3, 4], batch_size=len(tokens))
+    assert 0.1 < whole < 0.9  # some right, some wrong: a miscount would move it
+    for batch_size in (1000, 4096):
+        chunked = circuits.accuracy_keeping_frequencies(model, tokens, targets, [1, 2, 3, 4], batch_size=batch_size)
+        assert chunked == pytest.approx(whole, abs=1e-9)
+
+
 def test_key_frequencies_carry_much_but_not_all_of_addition(addition):
     model, tokens, targets, _ = addition
     with torch.no_grad():

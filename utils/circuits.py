@@ -144,11 +144,8 @@ def neuron_inputs(model, tokens: Tensor, pattern: Tensor, transform=None) -> Ten
     return pre
 
 
-def accuracy_with_neuron_inputs(model, tokens: Tensor, targets: Tensor, pre: Tensor, tolerance: int = 0) -> float:
-    """Accuracy (over targets != IGNORE) when the MLP's pre-activations are replaced by `pre` [batch, pos, d_mlp].
-
-    A prediction counts as right when it is within `tolerance` of the target (0: exactly right).
-    """
+def _right_with_neuron_inputs(model, tokens: Tensor, targets: Tensor, pre: Tensor, tolerance: int) -> tuple[int, int]:
+    """(right, counted) over the targets != IGNORE when the MLP's pre-activations are replaced by `pre`."""
     def replace(_, hook):
         return pre
 
@@ -156,23 +153,41 @@ def accuracy_with_neuron_inputs(model, tokens: Tensor, targets: Tensor, pre: Ten
 
     logits = model.run_with_hooks(tokens, fwd_hooks=[(get_act_name("pre", 0), replace)])
     keep = targets != IGNORE
-    return ((logits.argmax(-1)[keep] - targets[keep]).abs() <= tolerance).float().mean().item()
+    right = ((logits.argmax(-1)[keep] - targets[keep]).abs() <= tolerance).sum().item()
+    return right, keep.sum().item()
 
 
+def accuracy_with_neuron_inputs(model, tokens: Tensor, targets: Tensor, pre: Tensor, tolerance: int = 0) -> float:
+    """Accuracy (over targets != IGNORE) when the MLP's pre-activations are replaced by `pre` [batch, pos, d_mlp].
+
+    A prediction counts as right when it is within `tolerance` of the target (0: exactly right).
+    """
+    right, counted = _right_with_neuron_inputs(model, tokens, targets, pre, tolerance)
+    return right / counted if counted else float("nan")
+
+
+@torch.no_grad()
 def accuracy_keeping_frequencies(model, tokens: Tensor, targets: Tensor, freqs, keep: bool = True,
-                                 tolerance: int = 0) -> float:
+                                 tolerance: int = 0, batch_size: int = 2048) -> float:
     """Accuracy when every token-to-neuron map keeps only the frequencies `freqs` (the constant
-    part always stays), with the measured attention; with keep=False those frequencies are removed instead."""
+    part always stays), with the measured attention; with keep=False those frequencies are removed instead.
+
+    Runs `batch_size` inputs at a time: all 8,256 Fibonacci inputs at once peaked some 230 MB higher.
+    """
     from utils import fourier
 
-    _, cache = model.run_with_cache(tokens, names_filter=get_act_name("pattern", 0))
     freqs = list(freqs)
     if keep:
         transform = lambda m: fourier.keep_frequencies(m, freqs)  # noqa: E731
     else:
         transform = lambda m: fourier.remove_frequencies(m, freqs)  # noqa: E731
-    pre = neuron_inputs(model, tokens, cache["pattern", 0], transform)
-    return accuracy_with_neuron_inputs(model, tokens, targets, pre, tolerance)
+    right = counted = 0
+    for chunk, chunk_targets in zip(tokens.split(batch_size), targets.split(batch_size)):
+        _, cache = model.run_with_cache(chunk, names_filter=get_act_name("pattern", 0))
+        pre = neuron_inputs(model, chunk, cache["pattern", 0], transform)
+        r, n = _right_with_neuron_inputs(model, chunk, chunk_targets, pre, tolerance)
+        right, counted = right + r, counted + n
+    return right / counted if counted else float("nan")
 
 
 # --------------------------------------------------------------------- positions in the fibonacci model
