@@ -74,7 +74,8 @@ def test_same_training_trajectory(name):
 
 def test_main_prints_a_table(tmp_path, capsys):
     out_json = tmp_path / "bench.json"
-    assert bench.main(["--models", "bigram", "--no-notebooks", "--steps", "20", "--json", str(out_json)]) == 0
+    assert bench.main(["--models", "bigram", "--no-notebooks", "--class-size", "0", "--steps", "20",
+                       "--json", str(out_json)]) == 0
     out = capsys.readouterr().out
     assert "TRAINING" in out and "MEMORY" in out
     for impl in ("bridge", "plain", "ratio"):
@@ -84,7 +85,7 @@ def test_main_prints_a_table(tmp_path, capsys):
     assert data["training"][0]["model"] == "bigram"
     assert data["training"][0]["bridge"]["steps"] == 20
     assert data["bench_peak_rss"] > 0
-    assert data["notebooks"] is None
+    assert data["notebooks"] is None and "grading" not in data and "GRADING" not in out
     # the split checkpoints' held-out accuracy is reported, not retrained
     assert "GENERALIZATION" in out and set(data["held_out"]) == {"addition_split", "fibonacci_split"}
     assert all(0.9 < report["held_out_accuracy"] <= 1.0 for report in data["held_out"].values())
@@ -109,7 +110,7 @@ def test_notebook_runner_reports_pass_fail_and_empty_folder(tmp_path, capsys):
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert bench.main(["--models", "--notebooks", str(empty)]) == 0
+    assert bench.main(["--models", "--notebooks", str(empty), "--class-size", "0"]) == 0
     assert "none found" in capsys.readouterr().out
 
 
@@ -180,3 +181,17 @@ def test_report_adds_up_the_whole_course_against_its_target():
     assert "90.0" in quick and quick.split()[-1] == "ok"
     [slow] = [line for line in bench.format_report(_notebooks_result([200.0, 150.0])).splitlines() if line.startswith("whole course")]
     assert "350.0" in slow and slow.split()[-1] == "OVER"
+
+
+@pytest.mark.slow  # grades two chapter-03 submissions in Jupyter kernels
+def test_class_grading_reports_seconds_and_whether_the_scores_came_out_right(capsys):
+    graded = bench.grade_class(size=2, jobs=2)
+    assert graded["submissions"] == 2 and graded["solved"] == 1 and graded["scores_as_expected"], graded
+    assert 0 < graded["seconds"] < 600
+    line = next(ln for ln in bench.format_report({"env": {}, "training": [], "notebooks": None, "grading": graded})
+                .splitlines() if ln.startswith("GRADING"))
+    assert "2 chapter-03 submissions (1 solved" in line and "target <= 300 s" in line and "as expected" in line
+    wrong = dict(graded, scores_as_expected=False, ok=False)
+    line = next(ln for ln in bench.format_report({"env": {}, "training": [], "notebooks": None, "grading": wrong})
+                .splitlines() if ln.startswith("GRADING"))
+    assert "NOT as expected" in line and line.endswith("OVER")

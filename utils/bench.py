@@ -14,6 +14,10 @@
    and the RSS it still holds after the last cell (JupyterLab keeps every opened chapter's
    kernel alive, so that is what several open chapters cost together).
 
+4. Grades a class of 30 chapter-03 submissions (half solved, half untouched) with
+   ``python -m utils.grade``'s ``grade_all``, two at a time, and reports the seconds and
+   whether every score came out as it should.
+
 It prints a plain-text table with the targets next to the measured values (``ok`` /
 ``OVER``) and always exits 0 unless the benchmark itself crashed: it reports, it does not
 gate. Progress goes to stderr.
@@ -43,6 +47,9 @@ RATIO_TARGET = 1.2
 NOTEBOOK_TARGET_SECONDS = 60.0
 NOTEBOOK_TARGET_RSS = 1024**3  # 1 GB
 NOTEBOOK_TARGET_FINAL_RSS = 650 * 2**20  # held after Run All: three open chapters fit in Binder's 2 GB
+GRADING_CLASS_SIZE = 30  # chapter-03 submissions the benchmark grades, half solved
+GRADING_JOBS = 2
+GRADING_TARGET_SECONDS = 300.0  # the whole class on 2 cores
 COURSE_TARGET_SECONDS = 300.0  # every solutions notebook, one after the other (Binder, 2 cores)
 EVALUATIONS_PER_RUN = 60  # K = max(10, steps // EVALUATIONS_PER_RUN) unless --eval-every
 PAIRED_STEPS = 60  # steps of each implementation in the alternating per-step comparison
@@ -545,6 +552,14 @@ def format_report(result: dict) -> str:
         for name, report in held.items():
             out.append(f"  {name}: " + (report if isinstance(report, str) else models.spec(name).summary(report)))
         out.append("")
+    graded = result.get("grading")
+    if graded:
+        out.append(f"GRADING  a class of {graded['submissions']} chapter-03 submissions ({graded['solved']} solved, the "
+                   f"others untouched), {graded['jobs']} at a time: {graded['seconds']:.1f} s "
+                   f"(target <= {GRADING_TARGET_SECONDS:.0f} s); scores "
+                   + ("as expected" if graded["scores_as_expected"] else "NOT as expected (see the log)")
+                   + f": {'ok' if graded['ok'] else 'OVER'}")
+        out.append("")
     nbs = result["notebooks"]
     if nbs is None:
         out.append("NOTEBOOKS  skipped (--no-notebooks)")
@@ -571,6 +586,30 @@ def format_report(result: dict) -> str:
             if r["error"]:
                 out.append(f"  {_show_path(r['notebook'])}: first error: {r['error']}")
     return "\n".join(out)
+
+
+def grade_class(size: int = GRADING_CLASS_SIZE, jobs: int = GRADING_JOBS) -> dict:
+    """Grade `size` copies of chapter 03, the even-numbered solved and the others untouched, `jobs` at a time."""
+    import shutil
+    import tempfile
+
+    from utils import grade
+
+    with tempfile.TemporaryDirectory(prefix="bench-class-") as folder:
+        paths = []
+        for i in range(size):
+            learner = Path(folder) / f"learner{i:02d}"
+            learner.mkdir()
+            source = models.ROOT / ("solutions" if i % 2 == 0 else "chapters") / "03_qk_ov.ipynb"
+            paths.append(Path(shutil.copy(source, learner / source.name)))
+        start = time.perf_counter()
+        reports = grade.grade_all(paths, jobs=jobs, progress=lambda done, path, r: log(
+            f"graded {done}/{size}: {path.parent.name} {r.score}/{len(r.exercises)}" + (f" ({r.error})" if r.error else "")))
+        seconds = time.perf_counter() - start
+    as_expected = all(not r.error and len(r.exercises) > 0 and r.score == (len(r.exercises) if i % 2 == 0 else 0)
+                      for i, r in enumerate(reports))
+    return {"submissions": size, "solved": (size + 1) // 2, "jobs": jobs, "seconds": seconds,
+            "scores_as_expected": as_expected, "ok": as_expected and seconds <= GRADING_TARGET_SECONDS}
 
 
 def held_out_accuracies() -> dict[str, dict | str]:
@@ -601,6 +640,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--notebooks", nargs="+", metavar="PATH",
                         help="notebooks or folders to run (default: solutions/*.ipynb)")
     parser.add_argument("--no-notebooks", action="store_true", help="do not run any notebook")
+    parser.add_argument("--class-size", type=int, default=GRADING_CLASS_SIZE, metavar="N",
+                        help=f"grade a class of N chapter-03 submissions (default {GRADING_CLASS_SIZE}; 0 skips it)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--eval-every", type=int, default=None, metavar="K",
                         help=f"evaluate every K steps (default: max(10, steps // {EVALUATIONS_PER_RUN}))")
@@ -627,6 +668,9 @@ def main(argv: list[str] | None = None) -> int:
     if names:
         result["bench_peak_rss"] = peak_rss_bytes()
     result["held_out"] = held_out_accuracies()
+    if args.class_size > 0:
+        log(f"grading a class of {args.class_size} chapter-03 submissions, {GRADING_JOBS} at a time")
+        result["grading"] = grade_class(args.class_size)
 
     if not args.no_notebooks:
         paths, source = find_notebooks(args.notebooks)
