@@ -48,7 +48,7 @@ from utils.notebooks import REPO_ROOT
 
 CHECK_TAG = "check"
 CHAPTERS = REPO_ROOT / "chapters"
-RESULTS_ENV = "CIRCUITS_GRADE_RESULTS"  # where the nbval run (this module as a pytest plugin) writes each cell's outcome
+RESULTS_ENV = "CIRCUITS_GRADE_RESULTS"  # where the nbval run writes each cell's outcome
 UNTRUSTED = "cannot be trusted"  # utils.checks.UNTRUSTED, kept here so the grader does not import torch
 _EXERCISE_HEADING = re.compile(r"^#+\s*(Exercise\s+(\d+\.\d+)\b.*?)\s*$", re.MULTILINE)
 _CHAPTER_TITLE = re.compile(r"^#\s*Chapter\s+(\d+)\b", re.MULTILINE)
@@ -312,23 +312,28 @@ def failure_message(text: str) -> str:
     return lines[-1] if lines else "failed"
 
 
-# pytest hooks: active only when pytest loads this module as a plugin (-p utils.grade), as run_graded does
-_CELL_OF: dict[str, str] = {}  # nbval item -> the id of its cell
+# The nbval run's own plugin, written next to the graded notebook as its conftest.py: a file of
+# its own, so that pytest's process does not import utils (and torch) just to note outcomes.
+_RESULTS_PLUGIN = f"""# written by utils.grade: note every nbval cell's outcome, one JSON line each
+import json, os
+
+_CELL_OF = {{}}  # nbval item -> the id of its cell
 
 
-def pytest_collection_modifyitems(items) -> None:
+def pytest_collection_modifyitems(items):
     for item in items:
         cell = getattr(item, "cell", None)
         if cell is not None:
             _CELL_OF[item.nodeid] = cell.get("id", item.nodeid)
 
 
-def pytest_runtest_logreport(report) -> None:
-    if RESULTS_ENV not in os.environ or report.nodeid not in _CELL_OF or (report.when != "call" and not report.failed):
+def pytest_runtest_logreport(report):
+    if report.nodeid not in _CELL_OF or (report.when != "call" and not report.failed):
         return
-    message = failure_message(report.longreprtext) if report.failed else ""
-    with open(os.environ[RESULTS_ENV], "a", encoding="utf-8") as out:
-        out.write(json.dumps({"cell": _CELL_OF[report.nodeid], "passed": not report.failed, "message": message}) + "\n")
+    with open(os.environ["{RESULTS_ENV}"], "a", encoding="utf-8") as out:
+        out.write(json.dumps({{"cell": _CELL_OF[report.nodeid], "passed": not report.failed,
+                              "text": report.longreprtext if report.failed else ""}}) + "\\n")
+"""
 
 
 def _kill_tree(process: subprocess.Popen) -> None:
@@ -354,11 +359,12 @@ def run_graded(nb, timeout: int) -> tuple[dict[str, tuple[bool, str]], str | Non
     with tempfile.TemporaryDirectory(prefix="grade-") as folder:
         notebook, results = Path(folder) / "graded.ipynb", Path(folder) / "results.jsonl"
         nbformat.write(nb, str(notebook))
+        (Path(folder) / "conftest.py").write_text(_RESULTS_PLUGIN, encoding="utf-8")
         env = {k: v for k, v in os.environ.items() if k not in ("JPY_SESSION_NAME", "PYTEST_ADDOPTS")}
         env.update({RESULTS_ENV: str(results), "CIRCUITS_STRICT_CHECKS": "1", "PYTHONDONTWRITEBYTECODE": "1"})
         # -c os.devnull: no configuration file, so no course's or class folder's pytest settings apply
         command = [sys.executable, "-m", "pytest", str(notebook), "--nbval-lax", f"--nbval-cell-timeout={timeout}",
-                   "-q", "--tb=short", "-p", "no:cacheprovider", "-p", "utils.grade", "--rootdir", folder,
+                   "-q", "--tb=short", "-p", "no:cacheprovider", "--rootdir", folder,
                    "-c", os.devnull]
         process = subprocess.Popen(command, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                    text=True, start_new_session=True)
@@ -373,7 +379,7 @@ def run_graded(nb, timeout: int) -> tuple[dict[str, tuple[bool, str]], str | Non
             for line in results.read_text(encoding="utf-8").splitlines():
                 row = json.loads(line)
                 if row["cell"] not in outcomes or not row["passed"]:
-                    outcomes[row["cell"]] = (row["passed"], row["message"])
+                    outcomes[row["cell"]] = (row["passed"], failure_message(row["text"]) if row["text"] else "")
         if not outcomes and stopped is None:
             tail = " ".join(output.strip().splitlines()[-3:])
             stopped = f"nbval ran no cell (pytest exit code {process.returncode}: {tail[:300]})"
