@@ -95,9 +95,14 @@ def test_explorer_parses_lists_and_rejects_bad_input(model):
         with pytest.raises(ValueError, match=words):
             widgets.parse_token_list(bad, 64, 6)
     box = widgets.qk_explorer(model)
-    text = box.children[1]
+    text, out = box.children[1], box.children[2]
+    assert [o["output_type"] for o in out.outputs] == ["display_data"] * 3  # QK map, pattern, logits
+    assert all("application/vnd.plotly.v1+json" in o["data"] for o in out.outputs)
     text.value = "1, 2, 99"  # out of range: the explorer says so instead of raising
-    text.value = "5, 9"
+    [message] = out.outputs
+    assert message["output_type"] == "stream" and "between 0 and 63" in message["text"]
+    text.value = "5, 9"  # shorter than the query position: it says which pair it shows, then the three figures
+    assert "showing query position 1" in out.outputs[0]["text"] and len(out.outputs) == 4
 
 
 # ===================================================================== chapters 05-06: MLP effective weights
@@ -308,6 +313,9 @@ def test_neuron_explorer_builds_and_redraws(addition):
     slider, summary = sliders[0], labels[0]
     assert (slider.min, slider.max, slider.value) == (0, model.cfg.d_mlp - 1, 3)
     assert summary.value.startswith("neuron 3: frequency ")
+    out = box.children[-1]
+    assert [o["output_type"] for o in out.outputs] == ["display_data"] * 3  # input curve, spectrum, logits
+    assert all(o["data"]["application/vnd.plotly.v1+json"]["data"] for o in out.outputs)
     for neuron in (17, model.cfg.d_mlp - 1):
         slider.value = neuron  # redraws
         with torch.no_grad():

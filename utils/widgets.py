@@ -24,6 +24,31 @@ def parse_token_list(text: str, vocab: int, n_ctx: int) -> list[int]:
     return tokens
 
 
+def show(out, items) -> None:
+    """Make an ipywidgets Output show `items` (strings as text, anything else displayed), in one update.
+
+    It sets the widget's outputs directly instead of `with out: clear_output(); display(...)`,
+    whose capture of display messages stalls a headless run (nbclient, the benchmark) until
+    the cell times out; the frontend also redraws once, without flicker.
+    """
+    import json
+
+    from IPython.core.formatters import format_display_data
+
+    outputs = []
+    for item in items:
+        if isinstance(item, str):
+            outputs.append({"output_type": "stream", "name": "stdout", "text": item + "\n"})
+            continue
+        if isinstance(item, go.Figure):  # plotly's own formatter displays as a side effect and returns nothing
+            data = {"application/vnd.plotly.v1+json": json.loads(item.to_json()), "text/plain": "<plotly figure>"}
+            metadata = {}
+        else:
+            data, metadata = format_display_data(item)
+        outputs.append({"output_type": "display_data", "data": data, "metadata": metadata})
+    out.outputs = tuple(outputs)
+
+
 def qk_explorer(model, tokens: tuple[int, ...] = (12, 3, 40, 7, 39, 2)):
     """Explorer for a one-layer model: pick a query and a key position and type a list.
 
@@ -32,7 +57,6 @@ def qk_explorer(model, tokens: tuple[int, ...] = (12, 3, 40, 7, 39, 2)):
     query position.
     """
     import ipywidgets as widgets
-    from IPython.display import clear_output, display
 
     n_ctx, vocab = model.cfg.n_ctx, model.cfg.d_vocab
     query = widgets.IntSlider(value=n_ctx - 1, min=0, max=n_ctx - 1, description="query pos")
@@ -41,29 +65,26 @@ def qk_explorer(model, tokens: tuple[int, ...] = (12, 3, 40, 7, 39, 2)):
     out = widgets.Output()
 
     def redraw(_=None) -> None:
-        with out:
-            clear_output(wait=True)
-            try:
-                toks = parse_token_list(text.value, vocab, n_ctx)
-            except ValueError as err:
-                print(f"Cannot read the list: {err}.")
-                return
-            q = min(query.value, len(toks) - 1)
-            k = min(key.value, q)
-            if (q, k) != (query.value, key.value):
-                print(f"showing query position {q}, key position {k} (a query sees only keys at or before it, "
-                      f"inside a list of {len(toks)})")
-            with torch.no_grad():
-                scores = circuits.full_qk_positional(model, q, k)
-                logits, cache = model.run_with_cache(torch.tensor([toks]))
-            fig = plots.heatmap(scores, f"key token at position {k}", f"query token at position {q}",
-                                f"QK scores, query position {q} vs key position {k}", "attention score")
-            fig.add_trace(go.Scatter(x=[toks[k]], y=[toks[q]], mode="markers", name="your list",
-                                     marker=dict(symbol="x", size=14, color="black")))
-            display(fig)
-            display(plots.attention_pattern(cache["pattern", 0][0, 0], toks, title="Attention pattern on your list"))
-            display(plots.logits(logits[0, q], f"Logits at query position {q} (answer: {max(toks[:q + 1])})",
-                                 highlight=max(toks[:q + 1])))
+        try:
+            toks = parse_token_list(text.value, vocab, n_ctx)
+        except ValueError as err:
+            show(out, [f"Cannot read the list: {err}."])
+            return
+        q = min(query.value, len(toks) - 1)
+        k = min(key.value, q)
+        note = ([] if (q, k) == (query.value, key.value) else
+                [f"showing query position {q}, key position {k} (a query sees only keys at or before it, "
+                 f"inside a list of {len(toks)})"])
+        with torch.no_grad():
+            scores = circuits.full_qk_positional(model, q, k)
+            logits, cache = model.run_with_cache(torch.tensor([toks]))
+        fig = plots.heatmap(scores, f"key token at position {k}", f"query token at position {q}",
+                            f"QK scores, query position {q} vs key position {k}", "attention score")
+        fig.add_trace(go.Scatter(x=[toks[k]], y=[toks[q]], mode="markers", name="your list",
+                                 marker=dict(symbol="x", size=14, color="black")))
+        show(out, [*note, fig, plots.attention_pattern(cache["pattern", 0][0, 0], toks, title="Attention pattern on your list"),
+                   plots.logits(logits[0, q], f"Logits at query position {q} (answer: {max(toks[:q + 1])})",
+                                highlight=max(toks[:q + 1]))])
 
     for control in (query, key, text):
         control.observe(redraw, names="value")
@@ -80,7 +101,6 @@ def neuron_explorer(model, neuron: int = 0):
     (neuron_to_logit).
     """
     import ipywidgets as widgets
-    from IPython.display import clear_output, display
 
     from utils import fourier
 
@@ -103,13 +123,11 @@ def neuron_explorer(model, neuron: int = 0):
         else:
             summary.value = (f"neuron {n}: frequency {top} (period {curves.shape[0] / top:.1f} tokens) explains "
                              f"{fractions[top]:.0%} of its input curves' variance")
-        with out:
-            clear_output(wait=True)
-            display(plots.lines({f"token at position {k}": curves[:, k] for k in range(curves.shape[1])},
-                                "token value", "added to the neuron's input", f"Neuron {n}: input curve"))
-            display(plots.spectrum(fractions, f"Neuron {n}: spectrum of its input curves", highlight=[top] if top else []))
-            display(plots.lines({"logit": out_map[n]}, "output token", "added to the logit per unit of activation",
-                                f"Neuron {n}: what it writes to the logits"))
+        show(out, [plots.lines({f"token at position {k}": curves[:, k] for k in range(curves.shape[1])},
+                               "token value", "added to the neuron's input", f"Neuron {n}: input curve"),
+                   plots.spectrum(fractions, f"Neuron {n}: spectrum of its input curves", highlight=[top] if top else []),
+                   plots.lines({"logit": out_map[n]}, "output token", "added to the logit per unit of activation",
+                               f"Neuron {n}: what it writes to the logits")])
 
     slider.observe(redraw, names="value")
     redraw()
