@@ -98,13 +98,19 @@ def test_build_chapter_drops_solution_only_cells_and_keeps_the_rest() -> None:
         code("assert add(1, 2) == 3", tags=("solution-only",), cell_id="secret"),
         code("check_add(add)", tags=("check",), cell_id="check"),
     )
-    chapter = nbs.build_chapter(source, "solutions/01_x.ipynb")
+    chapter = nbs.build_chapter(source, "solutions/01_x.ipynb", solutions=False)
     assert [c.id for c in chapter.cells] == [source.cells[0].id, "exercise", "check"]
     assert chapter.cells[0].source == source.cells[0].source
     assert chapter.cells[1].source.split("\n")[2:] == STUB
     assert chapter.cells[2].metadata.tags == ["check"]
     assert nbs.has_stub(chapter.cells[1].source) and not nbs.has_stub(source.cells[1].source)
     assert "BEGIN SOLUTION" in source.cells[1].source  # the input is not modified
+    folded = nbs.build_chapter(source, "solutions/01_x.ipynb")  # by default the solution is folded away
+    fold = folded.cells[1]
+    assert [c.id for c in folded.cells] == [source.cells[0].id, fold.id, "exercise", "check"]
+    assert fold.cell_type == "markdown" and fold.metadata.tags == [nbs.SOLUTION_FOLD_TAG]
+    assert "<details>" in fold.source and "    total = a + b\n    return total" in fold.source
+    assert "SOLUTION" not in fold.source.replace(nbs.SOLUTION_SUMMARY, "")
 
 
 def test_outputs_cleared_and_metadata_set() -> None:
@@ -176,8 +182,8 @@ def test_sync_then_check_passes_and_is_deterministic(tmp_path: Path) -> None:
     assert nbs.sync(tmp_path) == []
     assert {p: p.read_bytes() for p in files} == before
     chapter = nbformat.read(tmp_path / "chapters" / "01_first.ipynb", as_version=4)
-    assert len(chapter.cells) == 3 and nbs.has_stub(chapter.cells[1].source)
-    assert chapter.cells[1].id == nbformat.read(tmp_path / "solutions" / "01_first.ipynb", as_version=4).cells[1].id
+    assert len(chapter.cells) == 4 and nbs.has_stub(chapter.cells[2].source)
+    assert chapter.cells[2].id == nbformat.read(tmp_path / "solutions" / "01_first.ipynb", as_version=4).cells[1].id
 
 
 def test_check_reports_drift_outputs_kernelspec_and_stale_chapters(tmp_path: Path) -> None:
@@ -185,7 +191,7 @@ def test_check_reports_drift_outputs_kernelspec_and_stale_chapters(tmp_path: Pat
     nbs.sync(tmp_path)
     chapter_path = tmp_path / "chapters" / "01_first.ipynb"
     chapter = nbformat.read(chapter_path, as_version=4)
-    chapter.cells[1].source = chapter.cells[1].source.replace("# YOUR CODE HERE", "return a + b")
+    chapter.cells[2].source = chapter.cells[2].source.replace("# YOUR CODE HERE", "return a + b")
     nbformat.write(chapter, chapter_path)
     solution_path = tmp_path / "solutions" / "02_second.ipynb"
     solution = nbformat.read(solution_path, as_version=4)

@@ -60,11 +60,37 @@ class CheckFailed(Exception):
 
 
 @dataclass(frozen=True)
+class Mistake:
+    """A likely wrong answer to an exercise, recognised by what it returns.
+
+    `gives` takes the exercise function's arguments and returns what the mistake computes; when
+    a learner's result matches it (and not the answer), the message says "this looks like
+    <looks_like>: <advice>". Neither names the solution's code.
+    """
+
+    looks_like: str  # "W_K without the transpose"
+    advice: str  # what to reconsider: "a key token's score is a row of ..., not ..."
+    gives: Callable
+
+
+Case = tuple[str, tuple]  # (where, for the message: "on the addition model", the function's arguments)
+
+
+@dataclass(frozen=True)
 class ExerciseSpec:
+    """Everything about one exercise: the one record its checker, label, heading and mistakes come from."""
+
     number: str  # "3.2"
+    title: str  # "the full OV circuit": the notebook's heading is "### Exercise 3.2 — the full OV circuit"
     function: str  # the learner's function the checker takes: "full_ov_circuit"
-    references: tuple[Callable, ...]  # the functions in utils that compute the answer
+    references: tuple[Callable, ...]  # the functions in utils that compute the answer (a learner may not call them)
     check: Callable  # check_<function>(fn): what a chapter's check cell calls
+    hint: str = ""  # the idea to reconsider when the result is wrong (never the solution's code)
+    mistakes: tuple[Mistake, ...] = ()
+    cases: Callable[[], list[Case]] | None = None  # fresh inputs, drawn anew at every check
+    atol: float = 1e-5
+    rtol: float = 1e-4
+    kind: str = "analysis"  # "analysis" (a measurement, a hook, an ablation) or "implementation"
 
     @property
     def label(self) -> str:
@@ -72,19 +98,24 @@ class ExerciseSpec:
 
 
 EXERCISES: dict[str, ExerciseSpec] = {}
-_STATE: dict[str, Any] = {"references": (), "namespace": {}, "caller": {}, "untrusted": None}
+_STATE: dict[str, Any] = {"references": (), "namespace": {}, "caller": {}, "untrusted": None, "spec": None}
 
 
-def exercise(number: str, *references: Callable) -> Callable:
-    """Register ``check_<function>(fn, ex)`` as the checker of exercise `number`.
+def exercise(number: str, title: str, *references: Callable, hint: str = "", mistakes: tuple[Mistake, ...] = (),
+             cases: Callable[[], list[Case]] | None = None, atol: float = 1e-5, rtol: float = 1e-4,
+             kind: str = "analysis", function: str | None = None) -> Callable:
+    """Register the checker of exercise `number` and return it.
 
-    The registered checker takes only the learner's function; `ex` is the exercise's label. It
-    verifies that nothing it relies on was replaced, raises or prints a failure as ``strict()``
-    says, and makes ``call_learner`` reject calls of `references` from the learner's function.
+    Used as a decorator on ``check_<function>(fn, ex)`` (a body of its own; `ex` is the label),
+    or, given `cases` and `function`, called directly: the checker then compares the learner's
+    function with ``references[0]`` on every case, within `atol`/`rtol`, naming any of
+    `mistakes` the result matches. Either way the checker verifies that nothing it relies on was
+    replaced, raises or prints a failure as ``strict()`` says, and makes ``call_learner`` reject
+    calls of `references` from the learner's function.
     """
 
     def register(body: Callable) -> Callable:
-        spec_function = body.__name__.removeprefix("check_")
+        spec_function = function or body.__name__.removeprefix("check_")
         label = f"Exercise {number} ({spec_function})"
 
         @functools.wraps(body)
@@ -93,7 +124,8 @@ def exercise(number: str, *references: Callable) -> Callable:
             try:
                 if _STATE["untrusted"]:
                     raise CheckFailed(f"{label}: {_STATE['untrusted']}")
-                _STATE.update(references=references, namespace=caller, caller=_course_names(caller))
+                _STATE.update(references=references, namespace=caller, caller=_course_names(caller),
+                              spec=EXERCISES[number])
                 _verify_untouched(label, "before this check ran")
                 body(fn, label)
             except CheckFailed as failure:
@@ -103,10 +135,108 @@ def exercise(number: str, *references: Callable) -> Callable:
                 print("  (the chapter goes on without it: later cells use the course's own code; come back to this "
                       "exercise when you are ready)")
 
-        EXERCISES[number] = ExerciseSpec(number, spec_function, references, check)
+        check.__name__ = check.__qualname__ = f"check_{spec_function}"
+        EXERCISES[number] = ExerciseSpec(number, title, spec_function, references, check, hint, tuple(mistakes),
+                                         cases, atol, rtol, kind)
         return check
 
+    if cases is not None:
+        if function is None or not references:
+            raise ValueError(f"exercise {number}: a checker built from cases needs function= and a reference")
+        return register(_compare_on_cases)
     return register
+
+
+def _copies(args: tuple) -> tuple:
+    """The arguments with every tensor (also inside lists, tuples and dicts) cloned."""
+    def copy(value: Any) -> Any:
+        if isinstance(value, Tensor):
+            return value.clone()
+        if isinstance(value, (list, tuple)):
+            return type(value)(map(copy, value))
+        if isinstance(value, dict):
+            return {k: copy(v) for k, v in value.items()}
+        return value
+    return tuple(map(copy, args))
+
+
+def _compare_on_cases(fn: Callable, ex: str) -> None:
+    """The checker of an exercise given by its cases: the learner's result against the reference on each."""
+    spec = _STATE["spec"]
+    for where, args in spec.cases():
+        with torch.no_grad():
+            expected = spec.references[0](*_copies(args))  # first: the learner may change its inputs
+        got = call_learner(fn, ex, *_copies(args), hint=spec.hint)
+        compare(got, expected, f"{ex} {where}".rstrip(), spec.hint, args, atol=spec.atol, rtol=spec.rtol)
+    passed(ex)
+
+
+def compare(got: Any, expected: Any, exercise: str, hint: str, inputs: tuple | None = None,
+            atol: float = 1e-5, rtol: float = 1e-4, what: str = "result") -> None:
+    """Compare a result of any kind the course's exercises return: tensor, number, tuple or dict of them."""
+    if isinstance(expected, Tensor):
+        compare_tensors(got, expected, exercise, hint, atol=atol, rtol=rtol, what=what, inputs=inputs)
+    elif isinstance(expected, (float, int)) and not isinstance(expected, bool):
+        compare_float(got, float(expected), exercise, hint, what, atol=atol, inputs=inputs)
+    elif isinstance(expected, (tuple, dict)):
+        try:
+            _compare_parts(got, expected, exercise, hint, atol, rtol, what)
+        except CheckFailed as failure:
+            named = diagnosis(got, inputs, atol, rtol)
+            if not named:
+                raise
+            problem = failure.args[0].split(". Hint: ")[0]
+            raise CheckFailed(f"{problem}. {named}") from None
+    else:
+        raise TypeError(f"compare: no rule for a {type(expected).__name__} result")
+
+
+def _compare_parts(got: Any, expected: tuple | dict, exercise: str, hint: str, atol: float, rtol: float,
+                   what: str) -> None:
+    if isinstance(expected, tuple):
+        if not isinstance(got, tuple) or len(got) != len(expected):
+            shown = f"a tuple of {len(got)}" if isinstance(got, tuple) else type(got).__name__
+            raise CheckFailed(f"{exercise}: expected a tuple of {len(expected)} results, got {shown}. Hint: {hint}")
+        for i, (g, e) in enumerate(zip(got, expected)):
+            compare(g, e, exercise, hint, None, atol, rtol, f"{what} {i}")
+        return
+    if not isinstance(got, dict) or list(got) != list(expected):
+        shown = sorted(got) if isinstance(got, dict) else type(got).__name__
+        raise CheckFailed(f"{exercise}: expected a dict with keys {list(expected)}, got {shown}. Hint: {hint}")
+    for key in expected:
+        compare(got[key], expected[key], exercise, hint, None, atol, rtol, f"entry {key!r}")
+
+
+def _matches(got: Any, wrong: Any, atol: float, rtol: float) -> bool:
+    """True when `got` equals what a mistake gives (quietly False when the two cannot be compared)."""
+    try:
+        compare(got, wrong, "", "", None, atol=atol, rtol=rtol)
+        return True
+    except (CheckFailed, TypeError):
+        return False
+
+
+def diagnosis(got: Any, inputs: tuple | None, atol: float, rtol: float) -> str:
+    """"This looks like <mistake>: <advice>" for the current exercise's first mistake `got` matches, else ""."""
+    spec = _STATE.get("spec")
+    if spec is None or inputs is None:
+        return ""
+    for mistake in spec.mistakes:
+        try:
+            with torch.no_grad():
+                wrong = mistake.gives(*_copies(inputs))
+        except Exception:  # a mistake that cannot even run on these inputs is not the one made
+            continue
+        if _matches(got, wrong, atol, rtol):
+            return f"This looks like {mistake.looks_like}: {mistake.advice}"
+    return ""
+
+
+def _fail(exercise: str, problem: str, hint: str, got: Any = None, inputs: tuple | None = None,
+          atol: float = 1e-5, rtol: float = 1e-4) -> None:
+    """Raise CheckFailed: the problem, then the named mistake if `got` matches one, else the hint."""
+    named = diagnosis(got, inputs, atol, rtol)
+    raise CheckFailed(f"{exercise}: {problem}. " + (named if named else f"Hint: {hint}"))
 
 
 def passed(exercise: str) -> None:
@@ -226,20 +356,26 @@ def call_learner(fn: Callable, exercise: str, *args: Any, hint: str = "", **kwar
 
 
 def compare_tensors(got: Any, expected: Tensor, exercise: str, hint: str, atol: float = 1e-5, rtol: float = 1e-4,
-                    what: str = "result") -> None:
-    """Raise CheckFailed unless `got` is a tensor matching `expected` in shape, dtype kind and values."""
+                    what: str = "result", inputs: tuple | None = None) -> None:
+    """Raise CheckFailed unless `got` is a tensor matching `expected` in shape, dtype kind and values.
+
+    Given the `inputs` the learner's function was called with, a wrong result that matches one of
+    the current exercise's mistakes is named in the message.
+    """
+    def fail(problem: str) -> None:
+        _fail(exercise, problem, hint, got, inputs, atol, rtol)
+
     if not isinstance(got, Tensor):
-        raise CheckFailed(f"{exercise}: expected the {what} to be a torch.Tensor, got {type(got).__name__}. Hint: {hint}")
+        fail(f"expected the {what} to be a torch.Tensor, got {type(got).__name__}")
     if type(got) not in (Tensor, torch.nn.Parameter):  # a subclass could answer every comparison as it likes
         raise CheckFailed(f"{exercise}: expected the {what} to be a plain torch.Tensor, got a {type(got).__name__}. "
                           "Hint: return the result of torch operations, not a tensor subclass.")
     if tuple(got.shape) != tuple(expected.shape):
-        raise CheckFailed(f"{exercise}: expected the {what} to have shape {tuple(expected.shape)}, "
-                          f"got {tuple(got.shape)}. Hint: {hint}")
+        fail(f"expected the {what} to have shape {tuple(expected.shape)}, got {tuple(got.shape)}")
     if expected.dtype.is_floating_point != got.dtype.is_floating_point or (expected.dtype == torch.bool) != (got.dtype == torch.bool):
-        raise CheckFailed(f"{exercise}: expected the {what} to have dtype {expected.dtype}, got {got.dtype}. Hint: {hint}")
+        fail(f"expected the {what} to have dtype {expected.dtype}, got {got.dtype}")
     if got.dtype.is_floating_point and torch.isnan(got).any():
-        raise CheckFailed(f"{exercise}: the {what} contains NaN ({int(torch.isnan(got).sum())} entries). Hint: {hint}")
+        fail(f"the {what} contains NaN ({int(torch.isnan(got).sum())} entries)")
     got_cmp, exp_cmp = got.detach().to(expected.dtype), expected.detach()
     if expected.dtype.is_floating_point:
         ok = torch.allclose(got_cmp, exp_cmp, atol=atol, rtol=rtol)
@@ -248,19 +384,21 @@ def compare_tensors(got: Any, expected: Tensor, exercise: str, hint: str, atol: 
     if not ok:
         wrong = ~torch.isclose(got_cmp.float(), exp_cmp.float(), atol=atol, rtol=rtol)
         idx = tuple(int(i) for i in wrong.nonzero()[0])
-        raise CheckFailed(f"{exercise}: {int(wrong.sum())} of {wrong.numel()} entries differ; at index {idx} "
-                          f"expected {exp_cmp[idx].item():.5g}, got {got_cmp[idx].item():.5g}. Hint: {hint}")
+        fail(f"{int(wrong.sum())} of {wrong.numel()} entries differ; at index {idx} "
+             f"expected {exp_cmp[idx].item():.5g}, got {got_cmp[idx].item():.5g}")
 
 
-def compare_float(got: Any, expected: float, exercise: str, hint: str, what: str, atol: float = 1e-4) -> None:
+def compare_float(got: Any, expected: float, exercise: str, hint: str, what: str, atol: float = 1e-4,
+                  inputs: tuple | None = None) -> None:
     """Raise CheckFailed unless `got` is a finite number (or one-element tensor) within atol of `expected`."""
+    original = got
     if type(got) in (Tensor, torch.nn.Parameter) and got.numel() == 1:
         got = got.item()
     if isinstance(got, bool) or not isinstance(got, (float, int)):
-        raise CheckFailed(f"{exercise}: expected a float, got {type(got).__name__}. Hint: {hint}")
+        _fail(exercise, f"expected a float, got {type(got).__name__}", hint, original, inputs, atol, 0.0)
     got = float.__float__(got) if isinstance(got, float) else float(int.__int__(got))  # numpy floats, not subclass tricks
     if not math.isfinite(got) or abs(got - expected) > atol:
-        raise CheckFailed(f"{exercise}: for {what} expected {expected:.4f}, got {got:.4f}. Hint: {hint}")
+        _fail(exercise, f"for {what} expected {expected:.4f}, got {got:.4f}", hint, got, inputs, atol, 0.0)
 
 
 def _random_models() -> list:
@@ -288,7 +426,7 @@ def _random_causal_pattern(batch: int, heads: int, n: int) -> Tensor:
 
 
 # ------------------------------------------------------------------ chapter 00: tour
-@exercise("0.1", circuits.residual_from_components)
+@exercise("0.1", "the residual stream is a sum", circuits.residual_from_components)
 def check_residual_from_components(fn: Callable, ex: str) -> None:
     hint = ("add cache['hook_embed'], cache['hook_pos_embed'], and for every layer cache['attn_out', layer] "
             "and, unless model.cfg.attn_only, cache['mlp_out', layer].")
@@ -301,7 +439,7 @@ def check_residual_from_components(fn: Callable, ex: str) -> None:
     passed(ex)
 
 
-@exercise("0.2", circuits.attention_pattern)
+@exercise("0.2", "an attention pattern from queries and keys", circuits.attention_pattern)
 def check_attention_pattern(fn: Callable, ex: str) -> None:
     hint = ("scores[b, h, q, k] = q[b, q, h] . k[b, k, h] / sqrt(d_head); set keys after the query (k > q) "
             "to -inf, then softmax over the key axis (the last one).")
@@ -313,7 +451,7 @@ def check_attention_pattern(fn: Callable, ex: str) -> None:
     passed(ex)
 
 
-@exercise("0.3", models.rotate_residual_stream)
+@exercise("0.3", "rotate the residual stream", models.rotate_residual_stream)
 def check_rotate_residual_stream(fn: Callable, ex: str) -> None:
     for name, model in _random_models():
         state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -339,7 +477,7 @@ def check_rotate_residual_stream(fn: Callable, ex: str) -> None:
 
 
 # ------------------------------------------------------------------ chapter 01: training
-@exercise("1.1", tasks.max_of_list_targets)
+@exercise("1.1", "running maximum targets", tasks.max_of_list_targets)
 def check_max_of_list_targets(fn: Callable, ex: str) -> None:
     hint = ("the target at position i is the largest of tokens[..., :i+1] (a running maximum: torch.cummax), "
             "and position 0 has no target: set it to IGNORE (-1).")
@@ -351,7 +489,7 @@ def check_max_of_list_targets(fn: Callable, ex: str) -> None:
     passed(ex)
 
 
-@exercise("1.2", tasks.addition_pairs)
+@exercise("1.2", "every addition problem", tasks.addition_pairs)
 def check_addition_pairs(fn: Callable, ex: str) -> None:
     hint = ("include every pair with a + b <= max_sum (0 included, the bound too), ordered by a then b; targets "
             "are IGNORE (-1) at position 0 and a + b at position 1.")
@@ -380,7 +518,7 @@ def _fibonacci_check_inputs(max_value: int, length: int) -> Tensor:
     return tokens[chosen]
 
 
-@exercise("1.3", tasks.fibonacci_targets, tasks.fibonacci_valid_positions)
+@exercise("1.3", "Fibonacci targets, for sequences of any length", tasks.fibonacci_targets, tasks.fibonacci_valid_positions)
 def check_fibonacci_targets(fn: Callable, ex: str) -> None:
     hint = ("at position i >= 1 the target is x[i-1] + x[i]. It is IGNORE at position 0, where that sum exceeds "
             "max_value, and on padding: every position from the first j >= 2 with tokens[j] != tokens[j-2] + "
@@ -407,7 +545,7 @@ def check_fibonacci_targets(fn: Callable, ex: str) -> None:
     passed(ex)
 
 
-@exercise("1.4", train.loss_fn)
+@exercise("1.4", "cross-entropy that skips `IGNORE`", train.loss_fn)
 def check_loss_fn(fn: Callable, ex: str) -> None:
     hint = ("F.cross_entropy wants [N, vocab] logits and [N] targets: flatten batch and position, and pass "
             "ignore_index=IGNORE so that positions without a target do not count (the mean is over the rest).")
@@ -421,7 +559,7 @@ def check_loss_fn(fn: Callable, ex: str) -> None:
     passed(ex)
 
 
-@exercise("1.5", train.train_step)
+@exercise("1.5", "one training step", train.train_step)
 def check_train_step(fn: Callable, ex: str) -> None:
     seed = int(torch.randint(0, 10_000, ()))
     mine, theirs = models.build_model("max_of_list", seed=seed), models.build_model("max_of_list", seed=seed)
@@ -448,7 +586,7 @@ def check_train_step(fn: Callable, ex: str) -> None:
 
 
 # ------------------------------------------------------------------ chapter 02: zero-layer models
-@exercise("2.1", models.bigram_table)
+@exercise("2.1", "the model's transition table", models.bigram_table)
 def check_bigram_log_table(fn: Callable, ex: str) -> None:
     hint = ("multiply W_E [vocab, d_model] by W_U [d_model, vocab] (in that order), add b_U, and take "
             "log_softmax over the last axis (the next token).")
@@ -461,7 +599,7 @@ def check_bigram_log_table(fn: Callable, ex: str) -> None:
     passed(ex)
 
 
-@exercise("2.2")
+@exercise("2.2", "how far from the truth?")
 def check_kl_to_chain(fn: Callable, ex: str) -> None:
     hint = ("per row, KL(true || model) = sum_next T[cur, next] * (log T[cur, next] - log_model[cur, next]); "
             "then weight the rows by the stationary distribution pi and sum.")
@@ -481,19 +619,35 @@ def check_kl_to_chain(fn: Callable, ex: str) -> None:
 # ------------------------------------------------------------------ chapter 03: QK and OV circuits
 
 
-@exercise("3.1", circuits.full_qk_tokens)
-def check_token_qk_circuit(fn: Callable, ex: str) -> None:
-    hint = ("rows are query tokens, columns key tokens: W_E @ W_Q[0, 0] @ W_K[0, 0].T @ W_E.T, divided by "
-            "sqrt(d_head) like the attention scores.")
-    model = _fresh_model("max_of_list")
-    with torch.no_grad():
-        expected = circuits.full_qk_tokens(model)
-        got = call_learner(fn, ex, model, hint=hint)
-        compare_tensors(got, expected, ex, hint, atol=1e-4)
-    passed(ex)
+def _max_of_list_model() -> list[Case]:
+    """One freshly initialised max_of_list model: the only input of the exercises on its circuits."""
+    return [("on a freshly initialised max_of_list model", (_fresh_model("max_of_list"),))]
 
 
-@exercise("3.2", circuits.full_ov)
+def _token_qk(model, scale: bool = True) -> Tensor:
+    scores = model.W_E @ model.W_Q[0, 0] @ model.W_K[0, 0].T @ model.W_E.T
+    return scores / model.cfg.d_head ** 0.5 if scale else scores
+
+
+check_token_qk_circuit = exercise(
+    "3.1", "the token-only QK circuit", circuits.full_qk_tokens, function="token_qk_circuit",
+    kind="implementation", cases=_max_of_list_model, atol=1e-4,
+    hint="a query token is read by W_Q and a key token by W_K, each after its embedding; the head scales their "
+         "dot product before the softmax.",
+    mistakes=(
+        Mistake("the map transposed (rows are key tokens)",
+                "row q must hold the scores query token q gives every key token, so the query's side comes first.",
+                lambda model: _token_qk(model).T),
+        Mistake("the score without the head's 1/sqrt(d_head) scale",
+                "the head divides every query-key dot product by the square root of d_head before the softmax.",
+                lambda model: _token_qk(model, scale=False)),
+        Mistake("W_Q and W_K without the embedding",
+                "the map is from tokens to tokens, so each side starts from the token embedding.",
+                lambda model: model.W_Q[0, 0] @ model.W_K[0, 0].T / model.cfg.d_head ** 0.5),
+    ))
+
+
+@exercise("3.2", "the full OV circuit", circuits.full_ov)
 def check_full_ov_circuit(fn: Callable, ex: str) -> None:
     hint = ("follow a token through the head: embed (W_E), value (W_V[0, 0]), output (W_O[0, 0]), unembed (W_U); "
             "rows are attended tokens, columns output logits. Return a plain tensor (use .AB on a FactoredMatrix).")
@@ -505,7 +659,7 @@ def check_full_ov_circuit(fn: Callable, ex: str) -> None:
     passed(ex)
 
 
-@exercise("3.3", circuits.copying_score)
+@exercise("3.3", "the eigenvalue copying score", circuits.copying_score)
 def check_copying_score(fn: Callable, ex: str) -> None:
     hint = ("take the (complex) eigenvalues with torch.linalg.eigvals, then return the real part of their sum "
             "divided by the sum of their absolute values, as a float.")
@@ -518,7 +672,7 @@ def check_copying_score(fn: Callable, ex: str) -> None:
 
 
 # ------------------------------------------------------------------ chapter 04: positions in QK
-@exercise("4.1", circuits.full_qk_positional)
+@exercise("4.1", "the position-aware QK circuit", circuits.full_qk_positional)
 def check_positional_qk_circuit(fn: Callable, ex: str) -> None:
     hint = ("queries come from W_E + W_pos[query_pos], keys from W_E + W_pos[key_pos]: "
             "(W_E + W_pos[q]) @ W_Q[0, 0] @ W_K[0, 0].T @ (W_E + W_pos[k]).T / sqrt(d_head).")
@@ -531,7 +685,7 @@ def check_positional_qk_circuit(fn: Callable, ex: str) -> None:
     passed(ex)
 
 
-@exercise("4.2", circuits.fraction_ordered)
+@exercise("4.2", "is a larger key always preferred?", circuits.fraction_ordered)
 def check_fraction_ordered(fn: Callable, ex: str) -> None:
     hint = ("for every row (query token) and every pair of key tokens b < c, count whether scores[row, c] > "
             "scores[row, b] (strictly); return the fraction of all such comparisons as a float.")
@@ -544,7 +698,7 @@ def check_fraction_ordered(fn: Callable, ex: str) -> None:
 
 
 # ------------------------------------------------------------------ chapter 05: MLP effective weights
-@exercise("5.1", circuits.token_to_neuron)
+@exercise("5.1", "tokens to neuron inputs", circuits.token_to_neuron)
 def check_token_to_neuron(fn: Callable, ex: str) -> None:
     hint = ("follow a token through the head into the MLP: (W_E + W_pos[source_pos]) @ W_V[0, 0] @ W_O[0, 0] "
             "@ W_in[0]; rows are tokens, columns neurons. No W_U: the ReLU stands between W_in and W_out.")
@@ -558,7 +712,7 @@ def check_token_to_neuron(fn: Callable, ex: str) -> None:
     passed(ex)
 
 
-@exercise("5.2", fourier.frequency_power)
+@exercise("5.2", "power per frequency", fourier.frequency_power)
 def check_frequency_power(fn: Callable, ex: str) -> None:
     hint = ("torch.fft.rfft(values, dim=0, norm='ortho').abs() ** 2 gives one entry per frequency 0 .. n // 2; "
             "double the frequencies that stand for a pair (1 .. (n - 1) // 2) so the entries add up to "
@@ -573,7 +727,7 @@ def check_frequency_power(fn: Callable, ex: str) -> None:
     passed(ex)
 
 
-@exercise("5.3", fourier.keep_frequencies)
+@exercise("5.3", "keep only some frequencies", fourier.keep_frequencies)
 def check_keep_frequencies(fn: Callable, ex: str) -> None:
     hint = ("take torch.fft.rfft along dim 0, zero every coefficient except the constant (index 0) and the listed "
             "frequencies, and go back with torch.fft.irfft(..., n=values.shape[0], dim=0).")
@@ -588,7 +742,7 @@ def check_keep_frequencies(fn: Callable, ex: str) -> None:
 
 
 # ------------------------------------------------------------------ chapter 06: fibonacci
-@exercise("6.1", circuits.attention_on_recent)
+@exercise("6.1", "attention on the last two positions", circuits.attention_on_recent)
 def check_attention_on_recent(fn: Callable, ex: str) -> None:
     hint = ("for query position q add pattern[:, 0, q, q] and pattern[:, 0, q, q - 1] (only the first at q = 0), "
             "then average over the batch: one number per query position.")
@@ -601,7 +755,7 @@ def check_attention_on_recent(fn: Callable, ex: str) -> None:
     passed(ex)
 
 
-@exercise("6.2", circuits.positional_qk_scores)
+@exercise("6.2", "the position-only QK circuit", circuits.positional_qk_scores)
 def check_positional_qk_scores(fn: Callable, ex: str) -> None:
     hint = ("only the positions: (W_pos @ W_Q[0, 0]) @ (W_pos @ W_K[0, 0]).T / sqrt(d_head); rows are query "
             "positions, columns key positions, no W_E.")
@@ -615,7 +769,7 @@ def check_positional_qk_scores(fn: Callable, ex: str) -> None:
 
 
 # ------------------------------------------------------------------ chapter 07: paths through the residual stream
-@exercise("7.1", circuits.one_layer_path_logits)
+@exercise("7.1", "the path expansion of a one-layer model", circuits.one_layer_path_logits)
 def check_one_layer_path_logits(fn: Callable, ex: str) -> None:
     hint = ("direct = (W_E[tokens] + W_pos[:n]) @ W_U; head = einsum('bqk,bkd->bqd', pattern[:, 0], embedded @ W_V[0, 0]) "
             "@ W_O[0, 0] @ W_U. Return the two as a tuple (direct, head), each [batch, pos, vocab].")
@@ -632,7 +786,7 @@ def check_one_layer_path_logits(fn: Callable, ex: str) -> None:
     passed(ex)
 
 
-@exercise("7.2", circuits.naive_path_logits)
+@exercise("7.2", "the naive sum of paths", circuits.naive_path_logits)
 def check_naive_path_logits(fn: Callable, ex: str) -> None:
     hint = ("x = embed + pos_embed; pieces = circuits.head_pieces(model, cache) (one per source position); add x, "
             "every piece, mlp_output(x) and mlp_output(piece) for every piece separately, then @ W_U + b_U.")
@@ -646,7 +800,7 @@ def check_naive_path_logits(fn: Callable, ex: str) -> None:
     passed(ex)
 
 
-@exercise("7.5", circuits.memory_management_cosines)
+@exercise("7.5", "input and output directions of every neuron", circuits.memory_management_cosines)
 def check_memory_management_cosines(fn: Callable, ex: str) -> None:
     hint = ("neuron n reads along W_in[0][:, n] (a column) and writes along W_out[0][n, :] (a row); "
             "torch.nn.functional.cosine_similarity(W_in[0].T, W_out[0], dim=-1) gives all of them.")
@@ -664,7 +818,7 @@ def check_memory_management_cosines(fn: Callable, ex: str) -> None:
     passed(ex)
 
 
-@exercise("7.3", circuits.induction_attention)
+@exercise("7.3", "induction attention", circuits.induction_attention)
 def check_induction_attention(fn: Callable, ex: str) -> None:
     hint = ("for every query q in the second copy (q >= half), take pattern[:, :, q, q - half + 1] and average "
             "over the batch and those queries: one number per head.")
@@ -677,7 +831,7 @@ def check_induction_attention(fn: Callable, ex: str) -> None:
     passed(ex)
 
 
-@exercise("7.4", circuits.composition_score)
+@exercise("7.4", "composition score", circuits.composition_score)
 def check_composition_score(fn: Callable, ex: str) -> None:
     hint = "||A @ B||_F / (||A||_F * ||B||_F): torch.linalg.matrix_norm is the Frobenius norm by default."
     cases = [(torch.eye(4), torch.eye(4)), (torch.randn(6, 3), torch.randn(3, 6)),

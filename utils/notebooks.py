@@ -6,7 +6,10 @@ and never edited by hand. A chapter has the same cells, with the same ids, excep
 - in a code cell, every block between a line ``# BEGIN SOLUTION`` and a line
   ``# END SOLUTION`` (same indentation, inside a function body) becomes the two lines
   ``# YOUR CODE HERE`` and ``raise NotImplementedError("not implemented yet")``;
-- cells tagged ``solution-only`` are left out.
+- cells tagged ``solution-only`` are left out;
+- before every code cell that holds a solution block goes a markdown cell of its own that folds
+  the solved cell away (``<details><summary>Solution</summary>``), unless the chapters are built
+  with ``--no-solutions`` (for graded workshops).
 
 Both trees are stored without outputs or execution counts, with the python3 kernelspec.
 
@@ -14,6 +17,7 @@ Usage (from the repository root)::
 
     python -m utils.notebooks          # strip solutions/ in place, regenerate chapters/
     python -m utils.notebooks --check  # list problems and exit 1 if anything is out of date
+    python -m utils.notebooks --no-solutions --out DIR  # chapters without the solution folds, into DIR
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ BEGIN_MARKER = "# BEGIN SOLUTION"
 END_MARKER = "# END SOLUTION"
 STUB_LINES = ("# YOUR CODE HERE", 'raise NotImplementedError("not implemented yet")')
 SOLUTION_ONLY_TAG = "solution-only"
+SOLUTION_FOLD_TAG = "solution-fold"
+SOLUTION_SUMMARY = "Solution (try the hints first)"
 # Anything that looks like a marker but is not spelled exactly like one is an error, not code.
 _MARKER_LIKE = re.compile(r"^\s*#\s*(BEGIN|END)[\s_-]*SOLUTION", re.IGNORECASE)
 
@@ -134,11 +140,22 @@ def clean(nb: NotebookNode, name: str = "<notebook>") -> NotebookNode:
     return nb
 
 
-def build_chapter(nb: NotebookNode, name: str = "<notebook>") -> NotebookNode:
+def solution_fold(cell: NotebookNode) -> NotebookNode:
+    """The markdown cell that folds away the solved code cell `cell` (its id derives from the cell's)."""
+    code = "\n".join(line for line in cell.source.split("\n") if line.strip() not in (BEGIN_MARKER, END_MARKER))
+    fold = nbformat.v4.new_markdown_cell(f"<details><summary>{SOLUTION_SUMMARY}</summary>\n\n```python\n{code}\n```\n"
+                                         "</details>")
+    fold.id = hashlib.sha1(f"{cell.id}:solution".encode()).hexdigest()[:8]
+    fold.metadata["tags"] = [SOLUTION_FOLD_TAG]
+    return fold
+
+
+def build_chapter(nb: NotebookNode, name: str = "<notebook>", solutions: bool = True) -> NotebookNode:
     """Return the learner chapter for the solutions notebook `nb` (which is not modified).
 
     Solution blocks become stubs, ``solution-only`` cells are dropped, everything else
-    (markdown, cell ids, tags) is kept; the result is cleaned like the source.
+    (markdown, cell ids, tags) is kept; the result is cleaned like the source. With
+    `solutions`, each solved cell's code goes, folded, into a markdown cell just before its stub.
     Raises NotebookError naming `name` and the cell index for malformed markers.
     """
     nb = clean(nb, name)
@@ -147,7 +164,10 @@ def build_chapter(nb: NotebookNode, name: str = "<notebook>") -> NotebookNode:
         if SOLUTION_ONLY_TAG in _tags(cell):
             continue
         if cell.cell_type == "code":
-            cell.source = replace_solution_blocks(cell.source, f"{name}, cell {index} (id {cell.id!r})")
+            solved = cell.source
+            cell.source = replace_solution_blocks(solved, f"{name}, cell {index} (id {cell.id!r})")
+            if solutions and cell.source != solved:
+                cells.append(solution_fold(nbformat.from_dict({"id": cell.id, "source": solved})))
         cells.append(cell)
     nb.cells = cells
     return nb
@@ -292,6 +312,23 @@ def sync(root: Path = REPO_ROOT) -> list[str]:
     return changed
 
 
+def write_without_solutions(root: Path, out: Path) -> int:
+    """Write every chapter without its solution folds into `out`; return the exit status."""
+    if out in ((root / CHAPTERS).resolve(), (root / SOLUTIONS).resolve()):
+        print(f"error: --out must not be {_rel(out, root)}/, which the course keeps in sync", file=sys.stderr)
+        return 1
+    try:
+        built = {out / path.name: to_text(build_chapter(_read(path, root), _rel(path, root), solutions=False))
+                 for path in solution_paths(root)}
+    except NotebookError as err:
+        print(f"error, nothing written:\n{err}", file=sys.stderr)
+        return 1
+    for path, text in built.items():
+        _write_if_changed(path, text)
+    print(f"wrote {len(built)} chapters without solution folds to {out}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
     parser = argparse.ArgumentParser(prog="python -m utils.notebooks", description=__doc__.split("\n")[0])
@@ -299,8 +336,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="change nothing; exit 1 listing problems if chapters/ is out of date "
                              "or a notebook stores outputs or lacks the python3 kernelspec")
     parser.add_argument("--root", type=Path, default=REPO_ROOT, help="repository root (default: %(default)s)")
+    parser.add_argument("--no-solutions", action="store_true",
+                        help="build the chapters without their solution folds (for graded workshops) into --out, "
+                             "leaving chapters/ as it is")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="with --no-solutions: the folder to write them to (default: <root>/build/chapters)")
     args = parser.parse_args(argv)
     root = args.root.resolve()
+    if args.no_solutions:
+        return write_without_solutions(root, (args.out or root / "build" / CHAPTERS).resolve())
     if args.check:
         problems = find_problems(root)
         if problems:
