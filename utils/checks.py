@@ -243,6 +243,16 @@ def passed(exercise: str) -> None:
     print(f"✓ {exercise}: all checks passed.")
 
 
+def mistakes_catalogue() -> str:
+    """The instructors' table of the mistakes each checker names, one row per exercise, from the specs."""
+    rows = ["| exercise | kind | what the checker recognises and names |", "| --- | --- | --- |"]
+    for spec in sorted(EXERCISES.values(), key=lambda s: tuple(map(int, s.number.split(".")))):
+        if spec.mistakes:
+            named = "; ".join(m.looks_like for m in spec.mistakes)
+            rows.append(f"| {spec.number} {spec.title} | {spec.kind} | {named} |".replace("\n", " "))
+    return "\n".join(rows) + "\n"
+
+
 # ------------------------------------------------------------------ guarding the checks
 def _course_names(namespace: dict) -> dict[str, Any]:
     """The names in a notebook's namespace bound to the course's modules or checkers."""

@@ -48,6 +48,11 @@ SOLUTION_SUMMARY = "Solution (try the hints first)"
 # Anything that looks like a marker but is not spelled exactly like one is an error, not code.
 _MARKER_LIKE = re.compile(r"^\s*#\s*(BEGIN|END)[\s_-]*SOLUTION", re.IGNORECASE)
 
+# INSTRUCTORS.md's table of the mistakes each checker names is generated from the exercise specs
+CATALOGUE_FILE = "INSTRUCTORS.md"
+_CATALOGUE = re.compile(r"(<!-- mistakes catalogue: generated[^\n]*-->\n)(.*?)(<!-- end of the mistakes catalogue -->)",
+                        re.DOTALL)
+
 KERNELSPEC = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
 LANGUAGE_INFO = {"name": "python"}
 # Per-cell metadata that records a run rather than content (nbclient/JupyterLab timing).
@@ -276,6 +281,9 @@ def find_problems(root: Path = REPO_ROOT) -> list[str]:
         problems += _stored_state_problems(path, root)
         if path not in expected:
             problems.append(f"{_rel(path, root)}: stale, there is no {SOLUTIONS}/{path.name}")
+    catalogue = catalogue_file(root)
+    if catalogue and catalogue[0].read_text(encoding="utf-8") != catalogue[1]:
+        problems.append(f"{CATALOGUE_FILE}: the mistakes catalogue differs from what the exercise specs generate")
     for path, text in expected.items():
         if not path.exists():
             problems.append(f"{_rel(path, root)}: missing (generated from {SOLUTIONS}/{path.name})")
@@ -285,6 +293,17 @@ def find_problems(root: Path = REPO_ROOT) -> list[str]:
             problems.append(f"{_rel(path, root)}: differs from what {SOLUTIONS}/{path.name} generates "
                             f"(first at line {_first_difference(actual, text)})")
     return problems
+
+
+def catalogue_file(root: Path) -> tuple[Path, str] | None:
+    """(INSTRUCTORS.md, its text with the mistakes catalogue regenerated), or None without one."""
+    path = root / CATALOGUE_FILE
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    if not _CATALOGUE.search(text):
+        return None
+    from utils.checks import mistakes_catalogue  # imports torch: only where the catalogue exists
+
+    return path, _CATALOGUE.sub(lambda m: m.group(1) + mistakes_catalogue() + m.group(3), text, count=1)
 
 
 def _write_if_changed(path: Path, text: str) -> bool:
@@ -305,6 +324,9 @@ def sync(root: Path = REPO_ROOT) -> list[str]:
     solutions, chapters = generated_files(root)
     changed = [f"cleaned {_rel(p, root)}" for p, text in solutions.items() if _write_if_changed(p, text)]
     changed += [f"wrote {_rel(p, root)}" for p, text in chapters.items() if _write_if_changed(p, text)]
+    catalogue = catalogue_file(root)
+    if catalogue and _write_if_changed(*catalogue):
+        changed.append(f"wrote the mistakes catalogue in {CATALOGUE_FILE}")
     for path in chapter_paths(root):
         if path not in chapters:
             path.unlink()
