@@ -59,8 +59,10 @@ CHECKS = {
     "token_qk_circuit": (checks.check_token_qk_circuit, circuits.full_qk_tokens, "Exercise 3.1"),
     "full_ov_circuit": (checks.check_full_ov_circuit, lambda model: model.W_E @ model.W_V[0, 0] @ model.W_O[0, 0] @ model.W_U, "Exercise 3.2"),
     "copying_score": (checks.check_copying_score, circuits.copying_score, "Exercise 3.3"),
+    "fraction_ordered": (checks.check_fraction_ordered, circuits.fraction_ordered, "Exercise 3.4"),
+    "token_only_agreement": (checks.check_token_only_agreement, circuits.token_only_agreement, "Exercise 3.5"),
+    "frozen_mix_gap": (checks.check_frozen_mix_gap, circuits.frozen_mix_gap, "Exercise 3.6"),
     "positional_qk_circuit": (checks.check_positional_qk_circuit, circuits.full_qk_positional, "Exercise 4.1"),
-    "fraction_ordered": (checks.check_fraction_ordered, circuits.fraction_ordered, "Exercise 4.2"),
     "token_to_neuron": (checks.check_token_to_neuron, circuits.token_to_neuron, "Exercise 5.1"),
     "frequency_power": (checks.check_frequency_power, fourier.frequency_power, "Exercise 5.2"),
     "keep_frequencies": (checks.check_keep_frequencies, fourier.keep_frequencies, "Exercise 5.3"),
@@ -417,34 +419,8 @@ def qk_without_embedding(model):
     return model.W_Q[0, 0] @ model.W_K[0, 0].T / model.cfg.d_head**0.5
 
 
-def ov_transposed(model):
-    return (model.W_E @ model.W_V[0, 0] @ model.W_O[0, 0] @ model.W_U).T
-
-
-def ov_without_w_o(model):
-    return model.W_E @ model.W_V[0, 0] @ model.W_U
-
-
 def ov_factored(model):
     return circuits.full_ov(model)  # a FactoredMatrix, not a tensor
-
-
-def ov_unembed_on_wrong_side(model):
-    return model.W_U.T @ model.W_V[0, 0] @ model.W_O[0, 0] @ model.W_E.T
-
-
-def copy_singular_values(matrix):
-    s = torch.linalg.svdvals(matrix)
-    return (s.sum() / s.abs().sum()).item()
-
-
-def copy_abs_of_sum(matrix):
-    eig = torch.linalg.eigvals(matrix)
-    return (eig.sum().abs() / eig.abs().sum()).item()
-
-
-def copy_trace_over_norm(matrix):
-    return (matrix.trace() / matrix.norm()).item()
 
 
 # chapter 04
@@ -463,26 +439,6 @@ def pos_qk_no_scale(model, q, k):
 
 def pos_qk_swapped_positions(model, q, k):
     return circuits.full_qk_positional(model, k, q)
-
-
-def ordered_with_ties(scores):
-    n = scores.shape[-1]
-    wins = scores[:, None, :] >= scores[:, :, None]
-    return wins[:, torch.triu(torch.ones(n, n, dtype=torch.bool), diagonal=1)].float().mean().item()
-
-
-def ordered_including_diagonal(scores):
-    n = scores.shape[-1]
-    wins = scores[:, None, :] > scores[:, :, None]
-    return wins[:, torch.triu(torch.ones(n, n, dtype=torch.bool), diagonal=0)].float().mean().item()
-
-
-def ordered_over_rows(scores):
-    return circuits.fraction_ordered(scores.T)
-
-
-def ordered_adjacent_only(scores):
-    return (scores[:, 1:] > scores[:, :-1]).float().mean().item()
 
 
 # chapter 05: token_to_neuron(model, source_pos), frequency_power(values), keep_frequencies(values, freqs)
@@ -708,20 +664,10 @@ MISTAKES = [
     ("positional_qk_circuit", pos_qk_query_position_on_both),
     ("positional_qk_circuit", pos_qk_no_scale),
     ("positional_qk_circuit", pos_qk_swapped_positions),
-    ("fraction_ordered", ordered_with_ties),
-    ("fraction_ordered", ordered_including_diagonal),
-    ("fraction_ordered", ordered_over_rows),
-    ("fraction_ordered", ordered_adjacent_only),
     ("token_qk_circuit", qk_no_scale),
     ("token_qk_circuit", qk_transposed),
     ("token_qk_circuit", qk_without_embedding),
-    ("full_ov_circuit", ov_transposed),
-    ("full_ov_circuit", ov_without_w_o),
     ("full_ov_circuit", ov_factored),
-    ("full_ov_circuit", ov_unembed_on_wrong_side),
-    ("copying_score", copy_singular_values),
-    ("copying_score", copy_abs_of_sum),
-    ("copying_score", copy_trace_over_norm),
     ("bigram_log_table", table_no_bias),
     ("bigram_log_table", table_softmax_over_current),
     ("bigram_log_table", table_probabilities_not_logs),
@@ -925,7 +871,7 @@ def test_render_traceback_of_a_real_failure():
     assert str(excinfo.value) in line and "\n" not in line
 
 
-# ------------------------------------------------------------------ chapters 05-06: more on the new checkers
+# ------------------------------------------------------------------ chapters 03, 05-06: more on the new checkers
 # Correct solutions written differently from the reference must pass too (float32 instead of float64,
 # another multiplication order, einsum, explicit loops), whatever random inputs the checker draws.
 def t2n_other_order(model, source_pos):
@@ -973,6 +919,32 @@ def posqk_einsum(model):
     return torch.einsum("ph,kh->pk", q, k) / math.sqrt(model.cfg.d_head)
 
 
+def ordered_by_column_pairs(scores):
+    n = scores.shape[-1]
+    wins = sum((scores[:, c] > scores[:, b]).sum().item() for c in range(n) for b in range(c))
+    return wins / (scores.shape[0] * n * (n - 1) / 2)
+
+
+def agreement_from_scores(model, lists):
+    queries = model.W_E[lists[:, -1]] @ model.W_Q[0, 0]  # [batch, d_head]
+    keys = model.W_E[lists] @ model.W_K[0, 0]  # [batch, pos, d_head]
+    token_choice = torch.einsum("bd,bkd->bk", queries, keys).argmax(-1)
+    _, cache = model.run_with_cache(lists)
+    model_choice = cache["blocks.0.attn.hook_pattern"][:, 0, -1].argmax(-1)
+    same = lists[torch.arange(len(lists)), token_choice] == lists[torch.arange(len(lists)), model_choice]
+    return same.float().mean().item()
+
+
+def mix_gap_with_the_frozen_helper(model, a, b, alpha, beta):
+    pattern = model.run_with_cache(a)[1]["blocks.0.attn.hook_pattern"]
+    mix = alpha * model.W_E[a] + beta * model.W_E[b]
+    mixed = model.run_with_hooks(a, fwd_hooks=[("blocks.0.attn.hook_pattern", lambda p, hook: pattern),
+                                               ("hook_embed", lambda e, hook: mix)])
+    combined = alpha * circuits.logits_with_frozen_pattern(model, a, pattern) + \
+        beta * circuits.logits_with_frozen_pattern(model, b, pattern)
+    return float((mixed - combined).abs().max())
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3])
 @pytest.mark.parametrize("check_name, solution", [
     ("token_to_neuron", t2n_other_order),
@@ -981,6 +953,9 @@ def posqk_einsum(model):
     ("keep_frequencies", keep_ortho_in_place),
     ("attention_on_recent", recent_loop),
     ("positional_qk_scores", posqk_einsum),
+    ("fraction_ordered", ordered_by_column_pairs),
+    ("token_only_agreement", agreement_from_scores),
+    ("frozen_mix_gap", mix_gap_with_the_frozen_helper),
 ], ids=lambda x: getattr(x, "__name__", x))
 def test_equivalent_solutions_pass(check_name, solution, seed, capsys):
     torch.manual_seed(seed)

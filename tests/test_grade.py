@@ -17,8 +17,16 @@ from utils import grade, notebooks
 ROOT = notebooks.REPO_ROOT
 CHAPTER = ROOT / "chapters" / "03_qk_ov.ipynb"
 SOLUTION = ROOT / "solutions" / "03_qk_ov.ipynb"
-EXERCISES = ["3.1", "3.2", "3.3"]
-FUNCTIONS = {"3.1": "token_qk_circuit", "3.2": "full_ov_circuit", "3.3": "copying_score"}
+EXERCISES = ["3.1", "3.2", "3.3", "3.4", "3.5", "3.6"]
+FUNCTIONS = {"3.1": "token_qk_circuit", "3.2": "full_ov_circuit", "3.3": "copying_score", "3.4": "fraction_ordered",
+             "3.5": "token_only_agreement", "3.6": "frozen_mix_gap"}
+ARGUMENTS = {"token_qk_circuit": "model", "full_ov_circuit": "model", "copying_score": "matrix",
+             "fraction_ordered": "scores", "token_only_agreement": "model, lists",
+             "frozen_mix_gap": "model, a, b, alpha, beta"}
+REFERENCES = {"token_qk_circuit": "full_qk_tokens(model)", "full_ov_circuit": "full_ov(model).AB",
+              "copying_score": "copying_score(matrix)", "fraction_ordered": "fraction_ordered(scores)",
+              "token_only_agreement": "token_only_agreement(model, lists)",
+              "frozen_mix_gap": "frozen_mix_gap(model, a, b, alpha, beta)"}
 CLASS_TIMEOUT = 90  # seconds per notebook in the class run below (one submission hangs)
 
 
@@ -152,7 +160,8 @@ def _submissions() -> dict[str, object]:
     subs["rebinds_when_called"] = _replace_function(_solved(), "token_qk_circuit", (
         "from utils import checks\n\n"
         "def token_qk_circuit(model):\n"
-        "    for name in ('check_full_ov_circuit', 'check_copying_score'):\n"
+        "    for name in ('check_full_ov_circuit', 'check_copying_score', 'check_fraction_ordered',\n"
+        "                 'check_token_only_agreement', 'check_frozen_mix_gap'):\n"
         "        setattr(checks, name, lambda fn: print('✓ all checks passed.'))\n"
         "    checks.compare_tensors = lambda *args, **kwargs: None\n"
         "    return model.W_E[:, :1]\n"))
@@ -163,12 +172,9 @@ def _submissions() -> dict[str, object]:
         "    return model.W_E\n"))
 
     calls = _solved()
-    for function, reference in [("token_qk_circuit", "circuits.full_qk_tokens(model)"),
-                                ("full_ov_circuit", "circuits.full_ov(model).AB"),
-                                ("copying_score", "circuits.copying_score(matrix)")]:
-        argument = "matrix" if function == "copying_score" else "model"
-        _replace_function(calls, function, f"from utils import circuits\n\ndef {function}({argument}):\n"
-                                           f"    return {reference}\n")
+    for function, reference in REFERENCES.items():
+        _replace_function(calls, function, f"from utils import circuits\n\ndef {function}({ARGUMENTS[function]}):\n"
+                                           f"    return circuits.{reference}\n")
     subs["calls_references"] = calls
 
     subs["missing_function"] = _replace_function(_solved(), "copying_score", "# I ran out of time\n")
@@ -212,8 +218,8 @@ def test_the_class_grades_into_one_gradebook(graded_class) -> None:
     assert result.returncode == 1, result.stderr
     assert set(rows) == set(_submissions())
     assert list(next(iter(rows.values()))) == ["learner", "notebook", "chapter", "score", "max", *EXERCISES, "error"]
-    assert rows["solved"]["score"] == "3" and rows["solved"]["max"] == "3"
-    assert [rows["solved"][n] for n in EXERCISES] == ["1", "1", "1"]
+    assert rows["solved"]["score"] == "6" and rows["solved"]["max"] == "6"
+    assert [rows["solved"][n] for n in EXERCISES] == ["1"] * 6
     assert rows["untouched"]["score"] == "0"
     assert all(int(rows[learner]["score"]) == reports[learner]["score"] for learner in rows)
 
@@ -242,7 +248,7 @@ def test_rebinding_the_checks_when_called_fails_that_exercise_and_every_later_on
 @pytest.mark.slow
 def test_code_that_runs_when_defined_is_left_out(graded_class) -> None:
     report = graded_class[0]["rebinds_when_defined"]
-    assert _verdicts(report) == {"3.1": True, "3.2": False, "3.3": True}
+    assert _verdicts(report) == {n: n != "3.2" for n in EXERCISES}
     assert any("def full_ov_circuit" in note and "run code when defined" in note for note in report["left_out"])
     assert "not done" in " ".join(report["left_out"])
 
@@ -251,7 +257,7 @@ def test_code_that_runs_when_defined_is_left_out(graded_class) -> None:
 def test_functions_that_call_their_reference_score_zero(graded_class) -> None:
     report = graded_class[0]["calls_references"]
     assert _verdicts(report) == {n: False for n in EXERCISES}
-    for e, reference in zip(report["exercises"], ["full_qk_tokens", "full_ov", "copying_score"]):
+    for e, reference in zip(report["exercises"], [REFERENCES[FUNCTIONS[n]].split("(")[0] for n in EXERCISES]):
         assert f"calls circuits.{reference}" in e["message"], e
 
 
@@ -259,7 +265,7 @@ def test_functions_that_call_their_reference_score_zero(graded_class) -> None:
 def test_a_missing_function_and_a_stray_statement_are_reported(graded_class) -> None:
     reports, _, _ = graded_class
     missing = reports["missing_function"]
-    assert _verdicts(missing) == {"3.1": True, "3.2": True, "3.3": False}
+    assert _verdicts(missing) == {n: n != "3.3" for n in EXERCISES}
     assert any("defines no function copying_score" in note for note in missing["left_out"])
     stray = reports["stray_statement"]
     assert _verdicts(stray) == {n: True for n in EXERCISES}
@@ -271,7 +277,7 @@ def test_a_hanging_or_dying_notebook_is_scored_on_what_ran(graded_class) -> None
     reports, rows, _ = graded_class
     for learner in ("hangs", "kills_its_kernel"):
         report = reports[learner]
-        assert report["error"] is None and _verdicts(report) == {"3.1": True, "3.2": False, "3.3": False}, report
+        assert report["error"] is None and _verdicts(report) == {n: n == "3.1" for n in EXERCISES}, report
         assert rows[learner]["score"] == "1"
     assert any("timeout" in line for line in reports["hangs"]["other_errors"] + [reports["hangs"]["exercises"][1]["message"]])
     assert reports["hangs"]["seconds"] < CLASS_TIMEOUT + 60
@@ -281,7 +287,7 @@ def test_a_hanging_or_dying_notebook_is_scored_on_what_ran(graded_class) -> None
 def test_solution_alone_scores_full_marks_and_exits_zero() -> None:
     result = run_grade(str(SOLUTION))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "score 3/3" in result.stdout
+    assert "score 6/6" in result.stdout
 
 
 @pytest.mark.slow
@@ -289,7 +295,7 @@ def test_one_trick_alone_exits_non_zero(tmp_path: Path) -> None:
     path = tmp_path / "03_qk_ov.ipynb"
     nbformat.write(_submissions()["calls_references"], path)
     result = run_grade(str(path))
-    assert result.returncode == 1 and "score 0/3" in result.stdout, result.stdout
+    assert result.returncode == 1 and "score 0/6" in result.stdout, result.stdout
 
 
 def test_what_the_stub_cell_gives_is_the_chapters_and_is_not_reported() -> None:

@@ -98,6 +98,44 @@ def fraction_ordered(scores: Tensor) -> float:
     return later_wins[:, pairs].float().mean().item()
 
 
+def token_only_agreement(model, lists: Tensor, layer: int = 0, head: int = 0) -> float:
+    """Share of `lists` [batch, pos] on which the token-only QK map and the model pick the same key token.
+
+    The token-only choice is the key whose token scores highest for the last position's token in
+    full_qk_tokens (the first of the tied positions); the model's choice is the key position the
+    last row of the head's real attention pattern weighs most. They agree when the two positions
+    hold the same token (so a repeated token at another position still counts as the same key).
+    """
+    qk = full_qk_tokens(model, layer, head)
+    token_choice = qk[lists[:, -1:], lists].argmax(-1)  # [batch]: a key position
+    _, cache = model.run_with_cache(lists, names_filter=get_act_name("pattern", layer))
+    model_choice = cache["pattern", layer][:, head, -1].argmax(-1)
+    picked = lists.gather(1, torch.stack([token_choice, model_choice], dim=1))
+    return (picked[:, 0] == picked[:, 1]).float().mean().item()
+
+
+def frozen_mix_gap(model, a: Tensor, b: Tensor, alpha: float, beta: float, scale_pos: bool = False) -> float:
+    """Largest |logit| by which the frozen-pattern model misses superposition, on token lists a, b [batch, pos].
+
+    With layer 0's attention pattern frozen at the one of `a`, the model is run on the embeddings
+    alpha W_E[a] + beta W_E[b] and its logits are set against alpha logits(a) + beta logits(b)
+    (both also with a's pattern). The model is affine in the token embeddings, so the gap is at
+    float precision when alpha + beta = 1 and not otherwise, because W_pos (and any bias) enters
+    once, not alpha + beta times; with `scale_pos` the positional embedding is scaled by
+    alpha + beta as well, and the gap vanishes for any coefficients (biases are zero here).
+    """
+    _, cache = model.run_with_cache(a, names_filter=get_act_name("pattern", 0))
+    frozen = (get_act_name("pattern", 0), lambda pattern, hook: cache["pattern", 0])
+    mix = alpha * model.W_E[a] + beta * model.W_E[b]
+    hooks = [frozen, (get_act_name("embed"), lambda embed, hook: mix)]
+    if scale_pos:
+        hooks.append((get_act_name("pos_embed"), lambda pos, hook: (alpha + beta) * pos))
+    mixed = model.run_with_hooks(a, fwd_hooks=hooks)
+    logits_a = model.run_with_hooks(a, fwd_hooks=[frozen])
+    logits_b = model.run_with_hooks(b, fwd_hooks=[frozen])
+    return (mixed - (alpha * logits_a + beta * logits_b)).abs().max().item()
+
+
 # --------------------------------------------------------------------- MLP effective weights (one-layer models)
 def token_to_neuron(model, source_pos: int, layer: int = 0, head: int = 0) -> Tensor:
     """Effective weights (W_E + W_pos[source_pos]) W_V W_O W_in, [vocab (token at source_pos), d_mlp].
