@@ -177,7 +177,7 @@ def compare(got: Any, expected: Any, exercise: str, hint: str, inputs: tuple | N
     if isinstance(expected, Tensor):
         compare_tensors(got, expected, exercise, hint, atol=atol, rtol=rtol, what=what, inputs=inputs)
     elif isinstance(expected, (float, int)) and not isinstance(expected, bool):
-        compare_float(got, float(expected), exercise, hint, what, atol=atol, inputs=inputs)
+        compare_float(got, float(expected), exercise, hint, f"the {what}", atol=atol, inputs=inputs)
     elif isinstance(expected, (tuple, dict)):
         try:
             _compare_parts(got, expected, exercise, hint, atol, rtol, what)
