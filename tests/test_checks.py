@@ -48,10 +48,11 @@ CHECKS = {
     "attention_pattern": (checks.check_attention_pattern, circuits.attention_pattern, "Exercise 0.2"),
     "rotate_residual_stream": (checks.check_rotate_residual_stream, models.rotate_residual_stream, "Exercise 0.3"),
     "max_of_list_targets": (checks.check_max_of_list_targets, tasks.max_of_list_targets, "Exercise 1.1"),
-    "addition_pairs": (checks.check_addition_pairs, tasks.addition_pairs, "Exercise 1.2"),
-    "fibonacci_targets": (checks.check_fibonacci_targets, tasks.fibonacci_targets, "Exercise 1.3"),
-    "loss_fn": (checks.check_loss_fn, train.loss_fn, "Exercise 1.4"),
-    "train_step": (checks.check_train_step, train.train_step, "Exercise 1.5"),
+    "fibonacci_targets": (checks.check_fibonacci_targets, tasks.fibonacci_targets, "Exercise 1.2"),
+    "train_step": (checks.check_train_step, train.train_step, "Exercise 1.3"),
+    "steps_below": (checks.check_steps_below, train.steps_below, "Exercise 1.4"),
+    "agreement_by_position": (checks.check_agreement_by_position, models.agreement_by_position, "Exercise 1.5"),
+    "accuracy_by_sum": (checks.check_accuracy_by_sum, models.accuracy_by_sum, "Exercise 1.6"),
     "bigram_log_table": (checks.check_bigram_log_table, models.bigram_table, "Exercise 2.1"),
     "kl_to_chain": (checks.check_kl_to_chain,
                     lambda log_model, transitions, pi: pi @ (transitions * (transitions.log() - log_model)).sum(-1),
@@ -246,39 +247,7 @@ def max_float(tokens):
     return tasks.max_of_list_targets(tokens).float()
 
 
-# Exercise 1.2: addition_pairs(max_sum)
-def _pairs(max_sum, keep=lambda a, b, m: a + b <= m, target_pos=1, swap=False):
-    a, b = torch.meshgrid(torch.arange(max_sum + 1), torch.arange(max_sum + 1), indexing="ij")
-    k = keep(a, b, max_sum)
-    tokens = torch.stack([b[k], a[k]] if swap else [a[k], b[k]], dim=-1)
-    targets = torch.full_like(tokens, IGNORE)
-    targets[:, target_pos] = tokens.sum(-1)
-    return tokens, targets
-
-
-def pairs_strict_bound(max_sum):
-    return _pairs(max_sum, keep=lambda a, b, m: a + b < m)
-
-
-def pairs_target_at_position_0(max_sum):
-    return _pairs(max_sum, target_pos=0)
-
-
-def pairs_wrong_order(max_sum):
-    return _pairs(max_sum, swap=True)
-
-
-def pairs_tokens_only(max_sum):
-    return _pairs(max_sum)[0]
-
-
-def pairs_zero_not_ignore(max_sum):
-    tokens, targets = _pairs(max_sum)
-    targets[:, 0] = 0
-    return tokens, targets
-
-
-# Exercise 1.3: fibonacci_targets(tokens, max_value)
+# Exercise 1.2: fibonacci_targets(tokens, max_value)
 def fib_forgets_last(tokens, max_value):  # reads x[i+1] off the input: nothing after the last token
     targets = torch.full_like(tokens, IGNORE)
     nxt = tokens[..., 1:]
@@ -319,30 +288,23 @@ def fib_assumes_five_tokens(tokens, max_value):  # indexes positions 1-4 by hand
     return torch.where(tasks.fibonacci_targets(tokens, max_value) == IGNORE, IGNORE, nxt)
 
 
-# Exercise 1.4: loss_fn(logits, targets)
-def loss_no_ignore_index(logits, targets):
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+# Exercise 1.3: train_step(model, optimizer, tokens, targets)
+def step_no_ignore_index(model, optimizer, tokens, targets):
+    optimizer.zero_grad()
+    loss = F.cross_entropy(model(tokens).flatten(0, 1), targets.flatten())
+    loss.backward()
+    optimizer.step()
+    return loss.item()
 
 
-def loss_sum(logits, targets):
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+def step_summed_loss(model, optimizer, tokens, targets):
+    optimizer.zero_grad()
+    loss = F.cross_entropy(model(tokens).flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    loss.backward()
+    optimizer.step()
+    return loss.item()
 
 
-def loss_softmax_first(logits, targets):
-    return F.cross_entropy(logits.softmax(-1).flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
-
-
-def loss_counts_ignored(logits, targets):
-    per_pos = F.cross_entropy(logits.flatten(0, 1), targets.flatten().clamp(min=0), reduction="none")
-    return per_pos.mean()
-
-
-def loss_mean_over_all_positions(logits, targets):
-    per_pos = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="none")
-    return per_pos.mean()
-
-
-# Exercise 1.5: train_step(model, optimizer, tokens, targets)
 def step_no_zero_grad(model, optimizer, tokens, targets):
     loss = train.loss_fn(model(tokens), targets)
     loss.backward()
@@ -695,26 +657,18 @@ MISTAKES = [
     ("max_of_list_targets", max_shifted),
     ("max_of_list_targets", max_returns_list),
     ("max_of_list_targets", max_float),
-    ("addition_pairs", pairs_strict_bound),
-    ("addition_pairs", pairs_target_at_position_0),
-    ("addition_pairs", pairs_wrong_order),
-    ("addition_pairs", pairs_tokens_only),
-    ("addition_pairs", pairs_zero_not_ignore),
     ("fibonacci_targets", fib_forgets_last),
     ("fibonacci_targets", fib_no_max_value),
     ("fibonacci_targets", fib_forgets_position_0),
     ("fibonacci_targets", fib_greater_or_equal),
     ("fibonacci_targets", fib_reads_padding),
     ("fibonacci_targets", fib_assumes_five_tokens),
-    ("loss_fn", loss_sum),
-    ("loss_fn", loss_softmax_first),
-    ("loss_fn", loss_counts_ignored),
-    ("loss_fn", loss_mean_over_all_positions),
     ("train_step", step_no_zero_grad),
     ("train_step", step_no_optimizer_step),
     ("train_step", step_returns_tensor),
     ("train_step", step_zero_grad_after_backward),
     ("train_step", step_loss_after_update),
+    ("train_step", step_summed_loss),
 ]
 
 
@@ -738,12 +692,12 @@ def test_residual_mistake_specific_to_mlp_models_is_caught():
 
 def test_loss_without_ignore_index_is_rejected():
     """Without ignore_index, F.cross_entropy crashes on the -1 targets: reported as CheckFailed naming the error."""
-    message = _fails("loss_fn", loss_no_ignore_index)
+    message = _fails("train_step", step_no_ignore_index)
     assert "IndexError" in message or "RuntimeError" in message, message
 
 
 def test_loss_without_ignore_index_gets_a_hint():
-    message = _fails("loss_fn", loss_no_ignore_index)
+    message = _fails("train_step", step_no_ignore_index)
     assert "Hint" in message and "ignore_index" in message, message
 
 
@@ -755,8 +709,6 @@ def test_mistake_messages_are_specific():
     assert "pos_embed.weight" in _fails("rotate_residual_stream", rotate_forgets_pos_embed)
     assert "attn.o.weight" in _fails("rotate_residual_stream", rotate_R_not_RT_on_writers)
     assert "shape" in _fails("attention_pattern", pattern_heads_last)
-    assert "targets" in _fails("addition_pairs", pairs_target_at_position_0)
-    assert "expected a pair" in _fails("addition_pairs", pairs_tokens_only)
     assert "padding" in _fails("fibonacci_targets", fib_reads_padding)
     assert "IndexError" in _fails("fibonacci_targets", fib_assumes_five_tokens)
 
@@ -805,10 +757,6 @@ def _nan_rotation(state, R):
     return {key: torch.full_like(w, NAN) for key, w in state.items()}
 
 
-def _nan_loss(logits, targets):
-    return torch.tensor(NAN)
-
-
 def _nan_step_without_update(model, optimizer, tokens, targets):
     return NAN
 
@@ -822,7 +770,6 @@ def _nan_step_after_correct_update(model, optimizer, tokens, targets):
     ("residual_from_components", _nan_residual),
     ("attention_pattern", _nan_pattern),
     ("rotate_residual_stream", _nan_rotation),
-    ("loss_fn", _nan_loss),
     ("bigram_log_table", lambda model: torch.full((16, 16), NAN)),
     ("kl_to_chain", lambda log_model, transitions, pi: torch.tensor(NAN)),
     ("token_qk_circuit", lambda model: torch.full((64, 64), NAN)),
@@ -837,7 +784,6 @@ def test_nan_result_reported(check_name, fn):
 @pytest.mark.parametrize("check_name, fn", [
     ("max_of_list_targets", lambda tokens: torch.full(tokens.shape, NAN)),
     ("fibonacci_targets", lambda tokens, max_value: torch.full(tokens.shape, NAN)),
-    ("addition_pairs", lambda max_sum: tuple(torch.full(t.shape, NAN) for t in tasks.addition_pairs(max_sum))),
 ])
 def test_nan_result_for_integer_targets_reported(check_name, fn):
     """Integer targets cannot hold NaN: a float tensor full of NaN is rejected for its dtype (or its NaNs)."""

@@ -147,6 +147,22 @@ def accuracy_by_position(model: torch.nn.Module, tokens: Tensor, targets: Tensor
             for q in range(tokens.shape[1]) if keep[:, q].any()}
 
 
+def accuracy_by_sum(predicted: Tensor, tokens: Tensor, max_sum: int = tasks.ADDITION_MAX) -> Tensor:
+    """Share of the pairs [a, b] of each sum a + b = 0..max_sum whose predicted answer is right, [max_sum + 1].
+
+    `predicted` holds the model's answer for each row of `tokens` (the prediction at position 1),
+    [n_pairs]; a sum no pair has gets NaN.
+    """
+    sums = tokens.sum(-1)
+    right = (predicted == sums).float()
+    return torch.zeros(max_sum + 1).index_add_(0, sums, right) / torch.bincount(sums, minlength=max_sum + 1)
+
+
+def agreement_by_position(model_a: torch.nn.Module, model_b: torch.nn.Module, tokens: Tensor) -> Tensor:
+    """Share of the lists on which the two models predict the same token, at every position, [seq]."""
+    return (predictions(model_a, tokens) == predictions(model_b, tokens)).float().mean(0)
+
+
 def max_of_list_accuracy_by_length(model: torch.nn.Module, samples: int = 100_000, seed: int = 1234) -> dict[int, float]:
     """Accuracy on the last position of lists of each length 2-6.
 

@@ -130,6 +130,19 @@ def train(
     return losses
 
 
+def steps_below(losses: list[float], threshold: float) -> tuple[int, int]:
+    """(the first step whose loss is below `threshold`, the first step from which every loss stays below it).
+
+    Steps count from 0, as `train`'s list of losses does; -1 where a loss curve never gets there.
+    """
+    below = [loss < threshold for loss in losses]
+    first = below.index(True) if True in below else -1
+    settled = len(below)
+    while settled > 0 and below[settled - 1]:
+        settled -= 1
+    return first, (settled if settled < len(below) else -1)
+
+
 def versions() -> dict[str, str]:
     from importlib.metadata import version
 
