@@ -46,7 +46,9 @@ NAN = float("nan")
 CHECKS = {
     "residual_from_components": (checks.check_residual_from_components, circuits.residual_from_components, "Exercise 0.1"),
     "attention_pattern": (checks.check_attention_pattern, circuits.attention_pattern, "Exercise 0.2"),
-    "rotate_residual_stream": (checks.check_rotate_residual_stream, models.rotate_residual_stream, "Exercise 0.3"),
+    "fraction_attending_to_max": (checks.check_fraction_attending_to_max, circuits.fraction_attending_to_max, "Exercise 0.3"),
+    "uniform_attention_accuracy": (checks.check_uniform_attention_accuracy, circuits.uniform_attention_accuracy, "Exercise 0.4"),
+    "rotate_residual_stream": (checks.check_rotate_residual_stream, models.rotate_residual_stream, "Exercise 0.5"),
     "max_of_list_targets": (checks.check_max_of_list_targets, tasks.max_of_list_targets, "Exercise 1.1"),
     "fibonacci_targets": (checks.check_fibonacci_targets, tasks.fibonacci_targets, "Exercise 1.2"),
     "train_step": (checks.check_train_step, train.train_step, "Exercise 1.3"),
@@ -177,7 +179,7 @@ def pattern_mask_includes_diagonal_wrongly(q, k):
     return scores.masked_fill(torch.tril(torch.ones(n, n, dtype=torch.bool), -1), float("-inf")).softmax(-1)
 
 
-# Exercise 0.3: rotate_residual_stream(state, R)
+# Exercise 0.5: rotate_residual_stream(state, R)
 def _rotate(state, R, writes=lambda w, R: R.T @ w, skip=()):
     out = {}
     for key, w in state.items():

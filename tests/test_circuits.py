@@ -18,6 +18,22 @@ def run(model):
     return tokens, cache
 
 
+def test_uniform_causal_pattern_spreads_each_row_over_the_visible_keys():
+    pattern = circuits.uniform_causal_pattern(torch.rand(2, 1, 4, 4))
+    torch.testing.assert_close(pattern[1, 0, 2], torch.tensor([1 / 3, 1 / 3, 1 / 3, 0.0]))
+    torch.testing.assert_close(pattern.sum(-1), torch.ones(2, 1, 4))
+
+
+def test_attention_to_max_and_the_uniform_ablation_on_the_trained_model(model):
+    lists = torch.randint(0, 64, (500, 6), generator=torch.Generator().manual_seed(1))
+    assert circuits.fraction_attending_to_max(model, lists) > 0.99
+    # lists whose maximum sits only at position 0 (all others small): attending there is the answer
+    first = torch.cat([torch.full((50, 1), 63), torch.randint(0, 10, (50, 5))], 1)
+    assert circuits.fraction_attending_to_max(model, first) > 0.9
+    trained = (model(lists)[:, -1].argmax(-1) == lists.max(-1).values).float().mean().item()
+    assert circuits.uniform_attention_accuracy(model, lists) < 0.2 < 0.99 < trained
+
+
 def test_positional_qk_reproduces_every_cached_score(model, run):
     tokens, cache = run
     for q_pos in range(6):

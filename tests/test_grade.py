@@ -299,8 +299,8 @@ def test_one_trick_alone_exits_non_zero(tmp_path: Path) -> None:
 
 
 def test_what_the_stub_cell_gives_is_the_chapters_and_is_not_reported() -> None:
-    given = 'READS = ("embed.weight",)'
-    source = 'READS = ("embed.weight",)\nWRITES = ()\n\ndef rotate(state, R):\n    return state\n'
-    code, left_out = grade.learner_code(source, "Exercise 0.3", {}, set(), given)
-    assert code.strip().startswith("def rotate") and "READS" not in code
-    assert len(left_out) == 1 and "WRITES = ()" in left_out[0]  # changed or added constants are the learner's
+    given = 'D_MODEL_LAST = ("embed.weight",)'
+    source = 'D_MODEL_LAST = ("embed.weight",)\nD_MODEL_FIRST = ()\n\ndef rotate(state, R):\n    return state\n'
+    code, left_out = grade.learner_code(source, "Exercise 0.5", {}, set(), given)
+    assert code.strip().startswith("def rotate") and "D_MODEL_LAST" not in code
+    assert len(left_out) == 1 and "D_MODEL_FIRST = ()" in left_out[0]  # changed or added constants are the learner's

@@ -32,6 +32,35 @@ def attention_pattern(q: Tensor, k: Tensor) -> Tensor:
     return scores.masked_fill(future, float("-inf")).softmax(dim=-1)
 
 
+def fraction_attending_to_max(model, lists: Tensor, layer: int = 0, head: int = 0) -> float:
+    """Share of `lists` [batch, pos] whose last position puts its largest attention weight on a maximal token.
+
+    "Maximal" compares the token at the attended key position with the list's maximum, so when
+    the maximum occurs twice either copy counts.
+    """
+    name = get_act_name("pattern", layer)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(lists, names_filter=name)
+    last_row = cache[name][:, head, -1, :]  # [batch, key_pos]
+    attended = lists.gather(1, last_row.argmax(-1, keepdim=True)).squeeze(1)
+    return (attended == lists.max(-1).values).float().mean().item()
+
+
+def uniform_causal_pattern(pattern: Tensor, hook=None) -> Tensor:
+    """A hook's replacement for `pattern` [batch, head, query_pos, key_pos]: each query spreads its
+    attention evenly over the keys it can see (key_pos <= query_pos)."""
+    visible = torch.tril(torch.ones(pattern.shape[-2:], device=pattern.device))
+    return (visible / visible.sum(-1, keepdim=True)).expand_as(pattern)
+
+
+def uniform_attention_accuracy(model, lists: Tensor, layer: int = 0) -> float:
+    """Accuracy at the last position (the answer is each list's maximum) with layer `layer`'s attention
+    pattern replaced by uniform attention over the visible positions (`uniform_causal_pattern`)."""
+    with torch.no_grad():
+        logits = model.run_with_hooks(lists, fwd_hooks=[(get_act_name("pattern", layer), uniform_causal_pattern)])
+    return (logits[:, -1].argmax(-1) == lists.max(-1).values).float().mean().item()
+
+
 # --------------------------------------------------------------------- full circuits (one-layer models)
 def direct_path(model) -> Tensor:
     """The direct path W_E W_U: logits each token writes with no attention or MLP, [vocab (input), vocab (output)]."""

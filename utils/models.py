@@ -279,28 +279,33 @@ def load_model(name: str, models_dir: Path | str = MODELS_DIR) -> TransformerBri
 
 
 # --------------------------------------------------------------------- basis changes
-# nn.Linear stores weights as [out, in]. These state-dict entries read from the residual
-# stream (d_model is their last axis) or write to it (d_model is their first axis).
-_READS = ("embed.weight", "pos_embed.weight", "unembed.weight", "attn.q.weight", "attn.k.weight",
-          "attn.v.weight", "mlp.in.weight")
-_WRITES = ("attn.o.weight", "mlp.out.weight")
-_WRITE_BIASES = ("attn.o.bias", "mlp.out.bias")
+# nn.Linear stores weights as [out, in]. The state-dict entries that touch the residual stream,
+# grouped by which axis is d_model (which is what decides how they rotate):
+# - d_model last: the embeddings (rows are tokens or positions; they WRITE to the stream) and the
+#   matrices that READ it (unembed, the head's q/k/v, the MLP's input);
+# - d_model first: the matrices that WRITE to it (the head's output, the MLP's output);
+# - the biases of those writers, which are added to the stream like any residual vector.
+_D_MODEL_LAST = ("embed.weight", "pos_embed.weight", "unembed.weight", "attn.q.weight", "attn.k.weight",
+                 "attn.v.weight", "mlp.in.weight")
+_D_MODEL_FIRST = ("attn.o.weight", "mlp.out.weight")
+_STREAM_BIASES = ("attn.o.bias", "mlp.out.bias")
 
 
 def rotate_residual_stream(state: dict[str, Tensor], R: Tensor) -> dict[str, Tensor]:
     """The state dict of the same model with its residual stream expressed in the basis x -> x @ R.
 
-    R: orthogonal [d_model, d_model]. Embeddings and every matrix that reads the stream
-    become W @ R; matrices that write to it become R.T @ W; their biases b @ R. The
+    R: orthogonal [d_model, d_model]. Every weight whose last axis is d_model (the embeddings,
+    which write, and the matrices that read the stream) becomes W @ R; the writers whose first
+    axis is d_model become R.T @ W; their biases b @ R. The
     rotated model computes exactly the same logits.
     """
     rotated = {}
     for key, w in state.items():
-        if key.endswith(_READS):
+        if key.endswith(_D_MODEL_LAST):
             rotated[key] = w @ R
-        elif key.endswith(_WRITES):
+        elif key.endswith(_D_MODEL_FIRST):
             rotated[key] = R.T @ w
-        elif key.endswith(_WRITE_BIASES):
+        elif key.endswith(_STREAM_BIASES):
             rotated[key] = w @ R
         else:
             rotated[key] = w.clone()
