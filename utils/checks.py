@@ -429,6 +429,18 @@ def _fresh_model(name: str):
     return models.build_model(name, seed=int(torch.randint(0, 10_000, ())))
 
 
+def _noised(model, config: dict, scale: float = 0.05):
+    """A copy of `model` with Gaussian noise (`scale` times each weight's std) added to every weight."""
+    state = {key: w + scale * (w.std() if w.numel() > 1 else 1.0) * torch.randn_like(w)
+             for key, w in model.state_dict().items()}
+    return models.model_from_state(config, state)
+
+
+def _noisy_max_of_list(scale: float = 0.1):
+    """The shipped max_of_list checkpoint with noise (`scale` times each weight's spread) on every weight."""
+    return _noised(models.load_model("max_of_list"), dict(models.spec("max_of_list").config), scale)
+
+
 def _random_causal_pattern(batch: int, heads: int, n: int) -> Tensor:
     """A random attention pattern [batch, head, query, key]: rows sum to 1, no weight on later keys."""
     future = torch.triu(torch.ones(n, n, dtype=torch.bool), diagonal=1)
@@ -503,13 +515,6 @@ check_attention_pattern = exercise(
                 "each query's weights over the keys must sum to 1, so normalise along the key axis.",
                 lambda q, k: _masked(_scaled_scores(q, k)).softmax(-2)),
     ))
-
-
-def _noised(model, config: dict, scale: float = 0.05):
-    """A copy of `model` with Gaussian noise (`scale` times each weight's std) added to every weight."""
-    state = {key: w + scale * (w.std() if w.numel() > 1 else 1.0) * torch.randn_like(w)
-             for key, w in model.state_dict().items()}
-    return models.model_from_state(config, state)
 
 
 def _max_of_list_runs(two_layers: bool = False) -> list[Case]:
@@ -890,19 +895,8 @@ check_steps_below = exercise(
     ))
 
 
-def _noisy_max_of_list(scale: float = 0.4):
-    """The shipped max_of_list model with Gaussian noise of `scale` times each weight's spread added to its weights."""
-    shipped = models.load_model("max_of_list")
-    state = {k: v.clone() for k, v in shipped.state_dict().items()}
-    for key, w in state.items():
-        if w.is_floating_point() and w.numel() > 1 and w.std() > 0:
-            state[key] = w + scale * w.std() * torch.randn_like(w)
-    config = models.read_checkpoint_meta("max_of_list")["config"]
-    return shipped, models.model_from_state(config, state)
-
-
 def _two_model_cases() -> list[Case]:
-    shipped, noisy = _noisy_max_of_list()
+    shipped, noisy = models.load_model("max_of_list"), _noisy_max_of_list(0.4)
     fresh = _fresh_model("max_of_list")
     return [("on the shipped max_of_list model and a copy with noise in its weights",
              (shipped, noisy, torch.randint(0, tasks.MAX_OF_LIST_VOCAB, (2000, 6)))),
@@ -1006,15 +1000,6 @@ def check_kl_to_chain(fn: Callable, ex: str) -> None:
 def _max_of_list_model() -> list[Case]:
     """One freshly initialised max_of_list model: the only input of the exercises on its circuits."""
     return [("on a freshly initialised max_of_list model", (_fresh_model("max_of_list"),))]
-
-
-def _noisy_max_of_list(scale: float = 0.1):
-    """The shipped max_of_list checkpoint with Gaussian noise (`scale` times each weight's spread) on every weight."""
-    state = models.load_model("max_of_list").state_dict()
-    for key, value in state.items():
-        if value.is_floating_point() and value.numel() > 1 and value.std() > 0:
-            state[key] = value + scale * value.std() * torch.randn_like(value)
-    return models.model_from_state(dict(models.spec("max_of_list").config), state)
 
 
 def _token_qk(model, scale: bool = True) -> Tensor:
