@@ -56,9 +56,11 @@ CHECKS = {
     "agreement_by_position": (checks.check_agreement_by_position, models.agreement_by_position, "Exercise 1.5"),
     "accuracy_by_sum": (checks.check_accuracy_by_sum, models.accuracy_by_sum, "Exercise 1.6"),
     "bigram_log_table": (checks.check_bigram_log_table, models.bigram_table, "Exercise 2.1"),
-    "kl_to_chain": (checks.check_kl_to_chain,
-                    lambda log_model, transitions, pi: pi @ (transitions * (transitions.log() - log_model)).sum(-1),
-                    "Exercise 2.2"),
+    "kl_to_chain": (checks.check_kl_to_chain, models.kl_to_chain, "Exercise 2.2"),
+    "direct_path_logits": (checks.check_direct_path_logits, circuits.direct_path_logits, "Exercise 2.3"),
+    "logit_boosts": (checks.check_logit_boosts, circuits.logit_boosts, "Exercise 2.4"),
+    "logits_without_direct_path": (checks.check_logits_without_direct_path, circuits.logits_without_direct_path,
+                                   "Exercise 2.5"),
     "token_qk_circuit": (checks.check_token_qk_circuit, circuits.full_qk_tokens, "Exercise 3.1"),
     "full_ov_circuit": (checks.check_full_ov_circuit, lambda model: model.W_E @ model.W_V[0, 0] @ model.W_O[0, 0] @ model.W_U, "Exercise 3.2"),
     "copying_score": (checks.check_copying_score, circuits.copying_score, "Exercise 3.3"),
@@ -370,6 +372,32 @@ def kl_per_row(log_model, transitions, pi):
     return (transitions * (transitions.log() - log_model)).sum(-1)
 
 
+def direct_logits_as_probabilities(model, tokens):
+    return ((model.W_E[tokens[:, -1]] + model.W_pos[tokens.shape[1] - 1]) @ model.W_U + model.b_U).softmax(-1)
+
+
+def direct_logits_every_position(model, tokens):
+    return (model.W_E[tokens] + model.W_pos[:tokens.shape[1]]) @ model.W_U + model.b_U
+
+
+def boosts_as_list(model, tokens):
+    return list(circuits.logit_boosts(model, tokens))
+
+
+def boosts_swapped(model, tokens):
+    return circuits.logit_boosts(model, tokens)[::-1]
+
+
+def ablation_full_logits(model, tokens):
+    return model(tokens)[:, -1]
+
+
+def ablation_every_position(model, tokens):
+    _, cache = model.run_with_cache(tokens)
+    embeddings = cache["resid_pre", 0]
+    return (cache["attn_out", 0] + embeddings.mean(0)) @ model.W_U + model.b_U
+
+
 # chapter 03
 def qk_no_scale(model):
     return model.W_E @ model.W_Q[0, 0] @ model.W_K[0, 0].T @ model.W_E.T
@@ -638,6 +666,12 @@ MISTAKES = [
     ("kl_to_chain", kl_unweighted_rows),
     ("kl_to_chain", kl_reversed),
     ("kl_to_chain", kl_per_row),
+    ("direct_path_logits", direct_logits_as_probabilities),
+    ("direct_path_logits", direct_logits_every_position),
+    ("logit_boosts", boosts_as_list),
+    ("logit_boosts", boosts_swapped),
+    ("logits_without_direct_path", ablation_full_logits),
+    ("logits_without_direct_path", ablation_every_position),
     ("residual_from_components", resid_no_pos_embed),
     ("residual_from_components", resid_no_mlp_out),
     ("residual_from_components", resid_uses_resid_pre),
@@ -774,6 +808,8 @@ def _nan_step_after_correct_update(model, optimizer, tokens, targets):
     ("rotate_residual_stream", _nan_rotation),
     ("bigram_log_table", lambda model: torch.full((16, 16), NAN)),
     ("kl_to_chain", lambda log_model, transitions, pi: torch.tensor(NAN)),
+    ("direct_path_logits", lambda model, tokens: torch.full((len(tokens), 64), NAN)),
+    ("logits_without_direct_path", lambda model, tokens: torch.full((len(tokens), 64), NAN)),
     ("token_qk_circuit", lambda model: torch.full((64, 64), NAN)),
     ("full_ov_circuit", lambda model: torch.full((64, 64), NAN)),
     ("positional_qk_circuit", lambda model, q, k: torch.full((64, 64), NAN)),

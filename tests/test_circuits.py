@@ -62,6 +62,22 @@ def test_full_ov_and_direct_path_shapes_and_values(model):
     torch.testing.assert_close(circuits.direct_path(model), expected, atol=1e-4, rtol=1e-4)
 
 
+def test_direct_path_and_head_terms_add_up_to_the_logits(model):
+    tokens = torch.randint(0, 64, (64, 4))
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens)
+        direct = circuits.direct_path_logits(model, tokens)
+        head = cache["attn_out", 0][:, -1] @ model.W_U
+        torch.testing.assert_close(direct + head, logits[:, -1], atol=1e-4, rtol=1e-4)
+        boost_direct, boost_head = circuits.logit_boosts(model, tokens)
+        answer = tokens.max(-1).values[:, None]
+        expected = (head.gather(-1, answer).squeeze(-1) - head.mean(-1)).mean().item()
+        assert boost_head == pytest.approx(expected, abs=1e-4)
+        # mean ablation: the head's term stays, the direct path becomes its mean over the batch
+        ablated = circuits.logits_without_direct_path(model, tokens)
+        torch.testing.assert_close(ablated, head + direct.mean(0), atol=1e-4, rtol=1e-4)
+
+
 def test_copying_score_range_and_known_answers(model):
     assert circuits.copying_score(torch.eye(8)) == pytest.approx(1.0)
     assert circuits.copying_score(-torch.eye(8)) == pytest.approx(-1.0)

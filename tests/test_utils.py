@@ -173,6 +173,17 @@ class TestBigram:
         torch.testing.assert_close(pi.sum(), torch.tensor(1.0))
         torch.testing.assert_close(pi @ T, pi, atol=1e-6, rtol=0)
 
+    def test_sampled_bigram_table_and_kl_to_chain(self):
+        T = tasks.bigram_transition_matrix()
+        pi = tasks.stationary_distribution(T)
+        table = tasks.sampled_bigram_table(T, 200_000, torch.Generator().manual_seed(0))
+        assert table.shape == T.shape and torch.isfinite(table).all()
+        torch.testing.assert_close(table.exp().sum(-1), torch.ones(len(T)))
+        assert models.kl_to_chain(T.log(), T, pi).abs() < 1e-6  # the chain is at distance 0 from itself
+        assert 0 < models.kl_to_chain(table, T, pi) < 0.01  # a large sample is close
+        uniform = torch.full_like(T, 1 / len(T)).log()
+        assert models.kl_to_chain(uniform, T, pi) > 100 * models.kl_to_chain(table, T, pi)
+
 
 def _induction_oracle_targets(tokens: torch.Tensor) -> torch.Tensor:
     """Next token wherever the current token occurred exactly once before and the one after it is in view, else IGNORE.

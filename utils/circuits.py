@@ -67,6 +67,51 @@ def direct_path(model) -> Tensor:
     return model.W_E @ model.W_U
 
 
+def direct_path_logits(model, tokens: Tensor) -> Tensor:
+    """What the direct path adds to the logits at the last position, (W_E[t] + W_pos[n - 1]) W_U + b_U, [batch, vocab].
+
+    `tokens` is [batch, n]; t is each list's last token. The unembedding bias belongs to no
+    head, so it is counted here: the direct path plus the heads' outputs times W_U is the logits.
+    """
+    last = tokens.shape[-1] - 1
+    return (model.W_E[tokens[:, last]] + model.W_pos[last]) @ model.W_U + model.b_U
+
+
+def logit_boosts(model, tokens: Tensor, layer: int = 0) -> tuple[float, float]:
+    """The mean boost each term gives the correct logit at the last position: (direct path, attention).
+
+    A term's boost on a list is its logit for the list's maximum minus its mean logit over the
+    vocabulary; the attention term is the layer's output (cache["attn_out", layer]) times W_U.
+    Averaged over the lists of `tokens` [batch, n].
+    """
+    _, cache = model.run_with_cache(tokens)
+    answer = tokens.max(-1).values[:, None]
+    terms = (direct_path_logits(model, tokens), cache["attn_out", layer][:, -1] @ model.W_U)
+    return tuple((x.gather(-1, answer).squeeze(-1) - x.mean(-1)).mean().item() for x in terms)
+
+
+def logits_without_direct_path(model, tokens: Tensor, layer: int = 0) -> Tensor:
+    """The logits at the last position with the direct path mean-ablated, [batch, vocab].
+
+    A hook on the layer's residual output replaces the embeddings' share of it (W_E[t] + W_pos[i],
+    which the direct path carries to the unembedding) by its mean over the batch, position by
+    position. The head still reads the real embeddings, so only the direct path changes.
+    """
+    stored = {}
+
+    def keep_embeddings(resid_pre: Tensor, hook) -> Tensor:
+        stored["resid_pre"] = resid_pre
+        return resid_pre
+
+    def swap_for_mean(resid_post: Tensor, hook) -> Tensor:
+        embeddings = stored["resid_pre"]
+        return resid_post - embeddings + embeddings.mean(0, keepdim=True)
+
+    logits = model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{layer}.hook_resid_pre", keep_embeddings),
+                                                     (f"blocks.{layer}.hook_resid_post", swap_for_mean)])
+    return logits[:, -1]
+
+
 def full_qk_tokens(model, layer: int = 0, head: int = 0, scale: bool = True) -> Tensor:
     """Token-only full QK circuit W_E W_Q W_K^T W_E^T, [vocab (query token), vocab (key token)].
 

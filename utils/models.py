@@ -186,13 +186,21 @@ def bigram_table(model: TransformerBridge) -> Tensor:
     return torch.log_softmax(model.W_E @ model.W_U + model.b_U, dim=-1)
 
 
+def kl_to_chain(log_model: Tensor, transitions: Tensor, pi: Tensor) -> Tensor:
+    """KL(true chain || model) in nats per step, a scalar tensor.
+
+    The KL of each row (current state) of the true table `transitions` [vocab, vocab] from the
+    log-probabilities `log_model` [vocab, vocab], weighted by how often the chain visits the
+    state, its stationary distribution `pi` [vocab].
+    """
+    return pi @ (transitions * (transitions.log() - log_model)).sum(-1)
+
+
 def bigram_kl(model: TransformerBridge, transitions: Tensor) -> float:
     """KL(true chain || model) in nats per step, averaged over the stationary distribution."""
     with torch.no_grad():
         log_model = bigram_table(model)
-    log_true = transitions.log()
-    kl_rows = (transitions * (log_true - log_model)).sum(-1)
-    return (tasks.stationary_distribution(transitions) @ kl_rows).item()
+    return kl_to_chain(log_model, transitions, tasks.stationary_distribution(transitions)).item()
 
 
 @torch.no_grad()
