@@ -153,7 +153,8 @@ def copying_score(matrix) -> float:
 def logits_with_frozen_pattern(model, tokens: Tensor, pattern: Tensor, layer: int = 0) -> Tensor:
     """Logits [batch, pos, vocab] with layer `layer`'s attention pattern replaced by `pattern` [batch, head, q, k].
 
-    With the pattern frozen, a one-layer attention-only model is linear in the (one-hot) tokens.
+    With the pattern frozen, a one-layer attention-only model is affine in the token embeddings (W_pos
+    enters once, whatever the mix: see `frozen_mix_gap`), not linear.
     """
     def freeze(_, hook):
         return pattern
