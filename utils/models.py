@@ -394,8 +394,11 @@ _ADDER = dict(d_model=128, d_head=128, n_layers=1, d_vocab=tasks.ADDITION_MAX + 
 _ADDITION = dict(_ADDER, n_ctx=2)
 _FIBONACCI = dict(_ADDER, n_ctx=tasks.FIBONACCI_LENGTH)
 # addition: full-batch at lr 1e-3 oscillates; minibatches, a larger lr, xavier init and a
-# cosine decay reach 100 % on all 8,256 pairs reliably
-_ADDITION_RECIPE = Recipe(steps=1600, lr=1e-2, batch_size=1024, weight_decay=0.01, warmup=100)
+# cosine decay reach 100 % on all 8,256 pairs for most seeds. Seed 3 ended 1,600 steps with 2 pairs of
+# 8,256 wrong, so a model that misses at step 1,600 goes on for up to 1,600 more at the final rate (the one
+# check at step 1,600 leaves every model that met the target there exactly as it was)
+_ADDITION_RECIPE = Recipe(steps=1600, lr=1e-2, batch_size=1024, weight_decay=0.01, warmup=100, check_every=1600,
+                          extra_steps=1600)
 # fibonacci: 512 rows a step at lr 2e-2 (bs 256 at 1.5e-2 took 800-1200 steps). A 1000-step schedule left
 # seed 1 at 2 errors in 14,400 and a longer one slows every seed down, so: 1000 steps, then up to 500
 # more at the final rate, stopping at the first check that meets the target. Seeds 0-3 stopped after
