@@ -452,3 +452,134 @@ def composition_score(a: Tensor, b: Tensor) -> float:
     """
     norm = torch.linalg.matrix_norm
     return (norm(a @ b) / (norm(a) * norm(b))).item()
+
+
+# --------------------------------------------------------------------- chapter 04: the positional QK worst case
+QK_TERMS = ("token·token", "token·pos", "pos·token", "pos·pos")
+
+
+def qk_score_terms(model, query_pos: int, key_pos: int, layer: int = 0, head: int = 0) -> dict[str, Tensor]:
+    """The four terms of the position-aware QK circuit, each [vocab (query token), vocab (key token)].
+
+    (W_E[a] + W_pos[q]) W_Q W_K^T (W_E[b] + W_pos[k])^T / sqrt(d_head) splits into
+    "token·token" W_E W_Q W_K^T W_E^T, "token·pos" W_E W_Q W_K^T W_pos[k] (the same in every column),
+    "pos·token" W_pos[q] W_Q W_K^T W_E^T (the same in every row) and "pos·pos" W_pos[q] W_Q W_K^T W_pos[k]
+    (one number), each spread out to the full [vocab, vocab] map and scaled by 1 / sqrt(d_head).
+    They add up to full_qk_positional(model, query_pos, key_pos).
+    """
+    scale = model.cfg.d_head**0.5
+    queries = {"token": model.W_E @ model.W_Q[layer, head], "pos": model.W_pos[query_pos][None] @ model.W_Q[layer, head]}
+    keys = {"token": model.W_E @ model.W_K[layer, head], "pos": model.W_pos[key_pos][None] @ model.W_K[layer, head]}
+    vocab = model.cfg.d_vocab
+    return {f"{a}·{b}": (queries[a] @ keys[b].T / scale).expand(vocab, vocab).clone() for a in ("token", "pos")
+            for b in ("token", "pos")}
+
+
+def key_spread(scores: Tensor) -> float:
+    """How much a map [query token, key token] moves along a row: the std over key tokens, averaged over rows.
+
+    Zero for a term that does not depend on the key token: such a term cannot reorder the keys at one position.
+    """
+    return scores.std(-1).mean().item()
+
+
+def ordering_by_term(model, query_pos: int, key_pos: int) -> dict[str, tuple[float, float]]:
+    """For each of the four QK terms (qk_score_terms) alone: (share of ordered key pairs, key spread).
+
+    The share is fraction_ordered of the term (strict wins of the larger key token over every
+    smaller one, within each query token's row); the spread is key_spread, the std over key tokens.
+    """
+    return {name: (fraction_ordered(term), key_spread(term))
+            for name, term in qk_score_terms(model, query_pos, key_pos).items()}
+
+
+def qk_score_table(model, layer: int = 0, head: int = 0) -> Tensor:
+    """Every attention score of the head, [query_pos, query token, key_pos, key token].
+
+    Entry [q, a, k, b] is full_qk_positional(model, q, k)[a, b]; entries with k > q exist but are
+    never used (the causal mask hides those keys).
+    """
+    scale = model.cfg.d_head**0.5
+    queries = (model.W_E[None] + model.W_pos[:, None]) @ model.W_Q[layer, head]  # [pos, vocab, d_head]
+    keys = (model.W_E[None] + model.W_pos[:, None]) @ model.W_K[layer, head]
+    return torch.einsum("pad,kbd->pakb", queries, keys) / scale
+
+
+def worst_margin_by_gap(model, query_pos: int, same_position: bool = False) -> Tensor:
+    """Worst-case QK score margin of a larger key over a smaller one, [vocab (query token), vocab (gap)].
+
+    Entry [t, g] is the least score(c at k1) - score(b at k2), for a query holding token t at
+    `query_pos`, over every pair of key tokens with c - b = g and every pair of key positions
+    k1 != k2 <= query_pos (with `same_position`, k1 = k2 instead: the within-map comparison).
+    Only configurations a list can have count: the key at query_pos holds the query token t
+    itself, and the larger key c is at least t (c plays the list's maximum). Entries with no such
+    configuration (gap 0, query position 0, too large a gap) are +inf. Positive everywhere means
+    the maximum outscores every smaller key, wherever both sit.
+    """
+    scores = qk_score_table(model)[query_pos, :, : query_pos + 1]  # [t, k, v]
+    vocab, n = scores.shape[0], query_pos + 1
+    t = torch.arange(vocab)[:, None, None, None]
+    k1, k2 = torch.arange(n)[None, :, None, None], torch.arange(n)[None, None, :, None]
+    positions_ok = (k1 == k2) if same_position else (k1 != k2)
+    out = torch.full((vocab, vocab), float("inf"))
+    for gap in range(1, vocab):
+        c = torch.arange(gap, vocab)
+        b = c - gap
+        margin = scores[:, :, None, c] - scores[:, None, :, b]  # [t, k1, k2, pair]
+        possible = positions_ok & ((k1 != query_pos) | (c == t)) & ((k2 != query_pos) | (b == t)) & (c >= t)
+        out[:, gap] = margin.masked_fill(~possible, float("inf")).flatten(1).min(-1).values
+    return out
+
+
+def ov_logit_table(model, layer: int = 0, head: int = 0) -> Tensor:
+    """The OV circuit with positions, (W_E + W_pos[k]) W_V W_O W_U, [key_pos, vocab (attended token), vocab (logit)]."""
+    residual = model.W_E[None] + model.W_pos[:, None]  # [pos, vocab, d_model]
+    return residual @ model.W_V[layer, head] @ model.W_O[layer, head] @ model.W_U
+
+
+def attention_needed(model, worst_rest: bool = False, layer: int = 0, head: int = 0) -> Tensor:
+    """Least share of attention the maximum needs to win, [vocab (maximum m), vocab (runner-up r)].
+
+    With share p on the maximum m and the rest, 1 - p, on the runner-up r, the last position's
+    logits are p OV_k[m] + (1 - p) OV_k'[r] + direct path (W_E[t] + W_pos[q]) W_U, where OV_k is
+    ov_logit_table at key position k. Entry [m, r] is the least p for which m's logit beats every
+    other token's, in the worst case over the key positions of m and r, the query position q
+    (1 to n_ctx - 1) and the query token t <= m. With `worst_rest`, the rest of the attention may
+    sit on any token <= r instead of r alone, which makes the need valid for every list whose
+    maximum is m and whose runner-up is r. 0 where any share wins, +inf where no share does and
+    where r >= m (no list has a runner-up at or above its maximum).
+    """
+    ov = ov_logit_table(model, layer, head)  # [k, x, o]
+    vocab = ov.shape[1]
+    tokens = torch.arange(vocab)
+    # lead[x, m, o]: how far token x's OV row puts m above o, at its worst key position
+    lead = (ov[:, :, :, None] - ov[:, :, None, :]).min(0).values  # [x, m, o]
+    own = lead[tokens, tokens]  # [m, o]: the maximum's own row
+    rest = lead.cummin(0).values if worst_rest else lead  # [r, m, o]
+    rest = rest.transpose(0, 1)  # [m, r, o]
+    direct = torch.stack([(model.W_E + model.W_pos[q]) @ model.W_U for q in range(1, model.cfg.n_ctx)])  # [q, t, o]
+    direct_lead = (direct[:, :, :, None] - direct[:, :, None, :]).min(0).values  # [t, m, o]
+    allowed = tokens[:, None, None] <= tokens[None, :, None]  # t <= m
+    direct_lead = direct_lead.masked_fill(~allowed, float("inf")).min(0).values  # [m, o]
+    a, b, d = own[:, None, :], rest, direct_lead[:, None, :]
+    # p a + (1 - p) b + d > 0  <=>  p (a - b) > -(b + d); when a <= b a larger share only hurts,
+    # so every share wins if the whole of it does (a + d > 0) and none is sure to otherwise
+    slope, needed = a - b, -(b + d)
+    p = torch.where(slope > 0, needed / slope, torch.where(a + d > 0, -torch.inf, torch.inf))
+    p = p.masked_fill(torch.eye(vocab, dtype=torch.bool)[:, None, :], -torch.inf)  # o = m is no rival
+    need = p.max(-1).values.clamp(min=0.0)
+    return need.masked_fill(tokens[None, :] >= tokens[:, None], float("inf"))
+
+
+def attention_on_maximum(model, lists: Tensor, batch_size: int = 10_000) -> tuple[Tensor, Tensor]:
+    """(share of the last position's attention on the maximum, all copies together, [batch];
+    whether the model's answer at the last position is the maximum, [batch] bool), for `lists` [batch, pos]."""
+    name = get_act_name("pattern", 0)
+    shares, right = [], []
+    with torch.no_grad():
+        for chunk in lists.split(batch_size):
+            logits, cache = model.run_with_cache(chunk, names_filter=name)
+            maximum = chunk.max(-1, keepdim=True).values
+            shares.append((cache[name][:, 0, -1] * (chunk == maximum)).sum(-1))
+            right.append(logits[:, -1].argmax(-1) == maximum[:, 0])
+    return torch.cat(shares), torch.cat(right)
