@@ -452,3 +452,19 @@ def composition_score(a: Tensor, b: Tensor) -> float:
     """
     norm = torch.linalg.matrix_norm
     return (norm(a @ b) / (norm(a) * norm(b))).item()
+
+
+# --------------------------------------------------------------------- chapter 05: the MLP's input maps replaced
+@torch.no_grad()
+def accuracy_with_maps_replaced(model, tokens: Tensor, targets: Tensor, transform, tolerance: int = 0) -> float:
+    """Accuracy (over targets != IGNORE) when every effective map into the neurons is replaced by `transform(map)`.
+
+    The maps are token_to_neuron at every source position and direct_to_neuron at every position,
+    each [vocab, d_mlp]; the neuron inputs are rebuilt from the transformed maps with the measured
+    attention (neuron_inputs) and the model runs on from there. `transform` keeps some
+    frequencies, fits a polynomial or a monotone curve to every column, ...; an answer counts as
+    right when it is within `tolerance` of the target.
+    """
+    _, cache = model.run_with_cache(tokens, names_filter=get_act_name("pattern", 0))
+    pre = neuron_inputs(model, tokens, cache["pattern", 0], transform)
+    return accuracy_with_neuron_inputs(model, tokens, targets, pre, tolerance)
