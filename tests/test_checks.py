@@ -74,7 +74,11 @@ CHECKS = {
     "attention_needed": (checks.check_attention_needed, circuits.attention_needed, "Exercise 4.5"),
     "token_to_neuron": (checks.check_token_to_neuron, circuits.token_to_neuron, "Exercise 5.1"),
     "frequency_power": (checks.check_frequency_power, fourier.frequency_power, "Exercise 5.2"),
-    "keep_frequencies": (checks.check_keep_frequencies, fourier.keep_frequencies, "Exercise 5.3"),
+    "shares_against_monotone": (checks.check_shares_against_monotone, fourier.shares_against_monotone, "Exercise 5.3"),
+    "sinusoid_residual": (checks.check_sinusoid_residual, fourier.sinusoid_residual, "Exercise 5.4"),
+    "explained_by_groups": (checks.check_explained_by_groups, fourier.explained_by_groups, "Exercise 5.5"),
+    "accuracy_with_maps_replaced": (checks.check_accuracy_with_maps_replaced, circuits.accuracy_with_maps_replaced,
+                                    "Exercise 5.6"),
     "attention_on_recent": (checks.check_attention_on_recent, circuits.attention_on_recent, "Exercise 6.1"),
     "positional_qk_scores": (checks.check_positional_qk_scores, circuits.positional_qk_scores, "Exercise 6.2"),
     "one_layer_path_logits": (checks.check_one_layer_path_logits, lambda m, t, p: paths_right(m, t, p), "Exercise 7.1"),
@@ -437,7 +441,7 @@ def pos_qk_swapped_positions(model, q, k):
     return circuits.full_qk_positional(model, k, q)
 
 
-# chapter 05: token_to_neuron(model, source_pos), frequency_power(values), keep_frequencies(values, freqs)
+# chapter 05: token_to_neuron(model, source_pos), frequency_power(values)
 def t2n_forgets_pos(model, source_pos):
     return model.W_E @ model.W_V[0, 0] @ model.W_O[0, 0] @ model.W_in[0]
 
@@ -474,31 +478,6 @@ def power_abs_not_squared(values):
     power = torch.fft.rfft(values, dim=0, norm="ortho").abs()
     power[1:(values.shape[0] + 1) // 2] *= 2
     return power
-
-
-def _keep(values, freqs, constant=True, length=True):
-    coeffs = torch.fft.rfft(values, dim=0)
-    mask = torch.zeros(coeffs.shape[0], dtype=torch.bool)
-    mask[list(freqs)] = True
-    mask[0] = constant
-    coeffs = coeffs * mask.reshape((-1,) + (1,) * (values.dim() - 1))
-    return torch.fft.irfft(coeffs, n=values.shape[0], dim=0) if length else torch.fft.irfft(coeffs, dim=0)
-
-
-def keep_irfft_without_n(values, freqs):
-    return _keep(values, freqs, length=False)
-
-
-def keep_drops_constant(values, freqs):
-    return _keep(values, freqs, constant=False)
-
-
-def keep_removes_instead(values, freqs):
-    return fourier.remove_frequencies(values, freqs)
-
-
-def keep_along_last_axis(values, freqs):
-    return _keep(values.T, freqs).T if values.dim() == 2 else _keep(values, freqs)
 
 
 # chapter 06: attention_on_recent(pattern), positional_qk_scores(model)
@@ -644,10 +623,6 @@ MISTAKES = [
     ("frequency_power", power_no_ortho_norm),
     ("frequency_power", power_doubles_nyquist),
     ("frequency_power", power_abs_not_squared),
-    ("keep_frequencies", keep_irfft_without_n),
-    ("keep_frequencies", keep_drops_constant),
-    ("keep_frequencies", keep_removes_instead),
-    ("keep_frequencies", keep_along_last_axis),
     ("attention_on_recent", recent_only_self),
     ("attention_on_recent", recent_window_of_three),
     ("attention_on_recent", recent_sum_over_batch),
@@ -885,14 +860,6 @@ def power_explicit_projection(values):
     return torch.stack(rows).float()
 
 
-def keep_ortho_in_place(values, freqs):
-    coeffs = torch.fft.rfft(values, dim=0, norm="ortho")
-    drop = torch.ones(coeffs.shape[0], dtype=torch.bool)
-    drop[[0, *freqs]] = False
-    coeffs[drop] = 0
-    return torch.fft.irfft(coeffs, n=values.shape[0], dim=0, norm="ortho")
-
-
 def recent_loop(pattern):
     n = pattern.shape[-1]
     out = torch.zeros(n)
@@ -938,7 +905,6 @@ def mix_gap_with_the_frozen_helper(model, a, b, alpha, beta):
     ("token_to_neuron", t2n_other_order),
     ("frequency_power", power_float32_by_mask),
     ("frequency_power", power_explicit_projection),
-    ("keep_frequencies", keep_ortho_in_place),
     ("attention_on_recent", recent_loop),
     ("positional_qk_scores", posqk_einsum),
     ("fraction_ordered", ordered_by_column_pairs),
@@ -955,9 +921,6 @@ def test_equivalent_solutions_pass(check_name, solution, seed, capsys):
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
 @pytest.mark.parametrize("check_name, mistake", [
-    ("token_to_neuron", t2n_forgets_pos),
-    ("frequency_power", power_doubles_nyquist),
-    ("keep_frequencies", keep_drops_constant),
     ("attention_on_recent", recent_window_of_three),
     ("positional_qk_scores", posqk_with_mean_embedding),
 ], ids=lambda x: getattr(x, "__name__", x))
@@ -969,7 +932,6 @@ def test_subtle_mistakes_rejected_for_other_seeds(check_name, mistake, seed):
 @pytest.mark.parametrize("check_name, fn", [
     ("token_to_neuron", lambda model, pos: torch.full((128, 128), NAN)),
     ("frequency_power", lambda values: torch.full((values.shape[0] // 2 + 1,) + values.shape[1:], NAN)),
-    ("keep_frequencies", lambda values, freqs: torch.full_like(values, NAN)),
     ("attention_on_recent", lambda pattern: torch.full(pattern.shape[-1:], NAN)),
     ("positional_qk_scores", lambda model: torch.full((5, 5), NAN)),
 ])
@@ -979,11 +941,9 @@ def test_nan_result_reported_for_new_checkers(check_name, fn):
 
 
 def test_new_checker_messages_are_specific():
-    assert "shape (11, 4), got (10, 4)" in _fails("keep_frequencies", keep_irfft_without_n)
     assert "shape (5, 5)" in _fails("positional_qk_scores", posqk_token_circuit)
     assert "source position 0" in _fails("token_to_neuron", t2n_forgets_pos)
     assert "(64, 0)" in _fails("frequency_power", power_doubles_nyquist)  # the Nyquist entry of a 128-token input
-    assert "IndexError" in _fails("keep_frequencies", keep_along_last_axis)
 
 
 @pytest.mark.parametrize("check_name, fn", [

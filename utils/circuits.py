@@ -583,3 +583,19 @@ def attention_on_maximum(model, lists: Tensor, batch_size: int = 10_000) -> tupl
             shares.append((cache[name][:, 0, -1] * (chunk == maximum)).sum(-1))
             right.append(logits[:, -1].argmax(-1) == maximum[:, 0])
     return torch.cat(shares), torch.cat(right)
+
+
+# --------------------------------------------------------------------- chapter 05: the MLP's input maps replaced
+@torch.no_grad()
+def accuracy_with_maps_replaced(model, tokens: Tensor, targets: Tensor, transform, tolerance: int = 0) -> float:
+    """Accuracy (over targets != IGNORE) when every effective map into the neurons is replaced by `transform(map)`.
+
+    The maps are token_to_neuron at every source position and direct_to_neuron at every position,
+    each [vocab, d_mlp]; the neuron inputs are rebuilt from the transformed maps with the measured
+    attention (neuron_inputs) and the model runs on from there. `transform` keeps some
+    frequencies, fits a polynomial or a monotone curve to every column, ...; an answer counts as
+    right when it is within `tolerance` of the target.
+    """
+    _, cache = model.run_with_cache(tokens, names_filter=get_act_name("pattern", 0))
+    pre = neuron_inputs(model, tokens, cache["pattern", 0], transform)
+    return accuracy_with_neuron_inputs(model, tokens, targets, pre, tolerance)

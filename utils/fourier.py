@@ -9,6 +9,7 @@ into variance per frequency, and filter a map down to chosen frequencies.
 
 from __future__ import annotations
 
+import math
 from typing import Iterable
 
 import torch
@@ -72,3 +73,169 @@ def remove_frequencies(values: Tensor, freqs: Iterable[int]) -> Tensor:
 def explained_variance(values: Tensor, freqs: Iterable[int]) -> float:
     """Fraction of the map's variance (constant part excluded) carried by the listed frequencies."""
     return variance_fractions(values)[list(freqs)].sum().item()
+
+
+# --------------------------------------------------------------------- smooth non-periodic nulls
+# On token values 0 .. n-1 that do not wrap around, any smooth curve puts most of its variance
+# in the lowest frequencies: a ramp jumps from its end back to its start when the n values are
+# read as one period. So "most power in frequencies 1-4" is a property of smoothness, not of
+# periodicity, until it is set against curves that are smooth and not periodic at all.
+def ramp(n: int) -> Tensor:
+    """The linear ramp 0, 1, .., n - 1, [n]: smooth, monotone, not periodic."""
+    return torch.arange(n, dtype=torch.float64)
+
+
+def relu_ramp(n: int, kink: int) -> Tensor:
+    """max(0, t - kink) for t = 0 .. n - 1, [n]: flat up to `kink`, then a ramp (a ReLU neuron's curve)."""
+    return (ramp(n) - kink).clamp(min=0)
+
+
+def low_frequency_share(values: Tensor, freqs: Iterable[int]) -> Tensor:
+    """For every column: the fraction of its variance (constant excluded) at the listed frequencies, [...]."""
+    power = frequency_power(values.double())
+    return power[list(freqs)].sum(0) / power[1:].sum(0)
+
+
+def isotonic_fit(values: Tensor, increasing: bool = True) -> Tensor:
+    """Least-squares monotone curve through every column along the first axis, [n, ...] (pool-adjacent-violators).
+
+    Walk along the tokens keeping blocks of pooled values; whenever a block's mean falls below the
+    previous block's (above it, when decreasing), merge the two and look back again.
+    """
+    flat = values.double().reshape(values.shape[0], -1)
+    sign = 1.0 if increasing else -1.0
+    fitted = torch.empty_like(flat)
+    for col in range(flat.shape[1]):
+        means, sizes = [], []
+        for y in (sign * flat[:, col]).tolist():
+            means.append(y)
+            sizes.append(1)
+            while len(means) > 1 and means[-2] > means[-1]:
+                size = sizes[-2] + sizes[-1]
+                means[-2:] = [(means[-2] * sizes[-2] + means[-1] * sizes[-1]) / size]
+                sizes[-2:] = [size]
+        fitted[:, col] = sign * torch.repeat_interleave(torch.tensor(means, dtype=torch.float64),
+                                                        torch.tensor(sizes))
+    return fitted.reshape(values.shape).to(values.dtype)
+
+
+def shares_against_monotone(curves: Tensor, freqs: Iterable[int]) -> tuple[float, float]:
+    """(share of the curves, share of their best monotone fits): the fraction of the whole map's variance
+    (every column together, constant excluded) at `freqs`, for `curves` [n, ...] and for the null that
+    replaces every column with the monotone curve closest to it (monotone_fit).
+
+    If the two are close, a spectrum concentrated on `freqs` says the curves are smooth, not periodic.
+    """
+    freqs = list(freqs)
+    return explained_variance(curves, freqs), explained_variance(monotone_fit(curves), freqs)
+
+
+def _residual_share(values: Tensor, fitted: Tensor) -> Tensor:
+    """Residual variance of `fitted` over each column's variance, [...]."""
+    values, fitted = values.double(), fitted.double()
+    return ((values - fitted) ** 2).sum(0) / ((values - values.mean(0)) ** 2).sum(0)
+
+
+def monotone_fit(values: Tensor) -> Tensor:
+    """For every column, the better (smaller residual) of the increasing and the decreasing isotonic fit, [n, ...]."""
+    up, down = isotonic_fit(values, True), isotonic_fit(values, False)
+    better_up = _residual_share(values, up) <= _residual_share(values, down)
+    return torch.where(better_up, up, down)
+
+
+def monotone_residual(values: Tensor) -> Tensor:
+    """Fraction of each column's variance the best monotone curve leaves unexplained, [...]."""
+    return _residual_share(values, monotone_fit(values))
+
+
+def sinusoid_residual(values: Tensor, period: int | None = None, max_freq: int = 8) -> tuple[Tensor, Tensor]:
+    """The best single sinusoid (a constant, a cosine and a sine of one frequency) through every column.
+
+    Waves of period `period` / f (default: the number of rows) for f = 1 .. max_freq are fitted by
+    least squares to the rows given, which may be only the first, well-sampled tokens of a longer
+    range. Returns (residual share [...], best frequency [...]): the fraction of each column's
+    variance the best one-frequency fit leaves unexplained, and that frequency.
+    """
+    flat = values.double().reshape(values.shape[0], -1)
+    t = torch.arange(values.shape[0], dtype=torch.float64)
+    best = torch.full((flat.shape[1],), float("inf"), dtype=torch.float64)
+    best_f = torch.zeros(flat.shape[1], dtype=torch.long)
+    for f in range(1, max_freq + 1):
+        angle = 2 * math.pi * f * t / (period or values.shape[0])
+        basis = torch.stack([torch.ones_like(t), torch.cos(angle), torch.sin(angle)], dim=1)
+        share = _residual_share(flat, basis @ torch.linalg.lstsq(basis, flat).solution)
+        better = share < best
+        best, best_f = torch.where(better, share, best), torch.where(better, f, best_f)
+    return best.reshape(values.shape[1:]).to(values.dtype), best_f.reshape(values.shape[1:])
+
+
+def polynomial_fit(values: Tensor, degree: int) -> Tensor:
+    """Least-squares polynomial of `degree` in the token value through every column, [n, ...].
+
+    A smooth, non-periodic basis of degree + 1 functions (Legendre polynomials over the n tokens):
+    the null against which keeping the constant and k frequencies (2 k + 1 functions) is compared.
+    """
+    flat = values.double().reshape(values.shape[0], -1)
+    x = torch.linspace(-1, 1, values.shape[0], dtype=torch.float64)
+    basis = torch.stack([torch.special.legendre_polynomial_p(x, d) for d in range(degree + 1)], dim=1)
+    return (basis @ torch.linalg.lstsq(basis, flat).solution).reshape(values.shape).to(values.dtype)
+
+
+def relu_ramp_residual(values: Tensor) -> Tensor:
+    """Fraction of each column's variance the best ReLU ramp leaves unexplained, [...].
+
+    Candidates: c + s * max(0, t - k) and c + s * max(0, k - t) for every kink k, fitted by least squares.
+    """
+    flat = values.double().reshape(values.shape[0], -1)
+    t = torch.arange(values.shape[0], dtype=torch.float64)
+    best = torch.full((flat.shape[1],), float("inf"), dtype=torch.float64)
+    for k in range(values.shape[0] - 1):
+        for ramp_ in ((t - k).clamp(min=0), (k + 1 - t).clamp(min=0)):
+            basis = torch.stack([torch.ones_like(t), ramp_], dim=1)
+            best = torch.minimum(best, _residual_share(flat, basis @ torch.linalg.lstsq(basis, flat).solution))
+    return best.reshape(values.shape[1:]).to(values.dtype)
+
+
+def turning_points(values: Tensor, smooth: int = 5, min_swing: float = 0.1) -> Tensor:
+    """Number of times each column changes direction along the first axis, [...].
+
+    The curve is first smoothed by a moving average over `smooth` tokens; a change of direction
+    counts only once the curve has moved by `min_swing` times its range since the last extreme
+    (so wiggles of rounding size are not counted). A monotone curve has 0, a sinusoid of
+    frequency f over whole periods about 2 f.
+    """
+    flat = values.double().reshape(values.shape[0], -1)
+    kernel = torch.ones(1, 1, smooth, dtype=torch.float64) / smooth
+    smoothed = torch.nn.functional.conv1d(flat.T[:, None], kernel)[:, 0]  # [cols, n - smooth + 1]
+    counts = []
+    for curve in smoothed.tolist():
+        threshold = min_swing * (max(curve) - min(curve))
+        turns, direction, high, low = 0, 0, curve[0], curve[0]
+        for y in curve:
+            high, low = max(high, y), min(low, y)
+            if direction >= 0 and y < high - threshold:  # fell far enough from the last high: going down
+                turns, direction, low = turns + (direction == 1), -1, y
+            elif direction <= 0 and y > low + threshold:  # rose far enough from the last low: going up
+                turns, direction, high = turns + (direction == -1), 1, y
+        counts.append(turns)
+    return torch.tensor(counts).reshape(values.shape[1:])
+
+
+# --------------------------------------------------------------------- descriptions: what a value depends on
+def group_means(values: Tensor, groups: Tensor) -> tuple[Tensor, Tensor]:
+    """(mean of every group [n_groups], group index of every entry [values.numel()]), groups relabelled 0 .. n_groups - 1."""
+    ids = torch.unique(groups.flatten(), return_inverse=True)[1]
+    sums = torch.zeros(int(ids.max()) + 1, dtype=torch.float64).index_add_(0, ids, values.double().flatten())
+    sizes = torch.zeros_like(sums).index_add_(0, ids, torch.ones(ids.shape, dtype=torch.float64))
+    return sums / sizes, ids
+
+
+def explained_by_groups(values: Tensor, groups: Tensor) -> float:
+    """Fraction of the variance of `values` explained by replacing every value with the mean of its group.
+
+    `groups` has the shape of `values` and labels each entry (e.g. (a + b - c) mod 128): the
+    result is what the best function of the label alone explains, 1 - residual / total variance.
+    """
+    means, ids = group_means(values, groups)
+    residual = values.double().flatten() - means[ids]
+    return 1 - (residual.var() / values.double().var()).item()
