@@ -82,11 +82,11 @@ CHECKS = {
     "attention_on_recent": (checks.check_attention_on_recent, circuits.attention_on_recent, "Exercise 6.1"),
     "positional_qk_scores": (checks.check_positional_qk_scores, circuits.positional_qk_scores, "Exercise 6.2"),
     "one_layer_path_logits": (checks.check_one_layer_path_logits, lambda m, t, p: paths_right(m, t, p), "Exercise 7.1"),
-    "naive_path_logits": (checks.check_naive_path_logits, circuits.naive_path_logits, "Exercise 7.2"),
-    "memory_management_cosines": (checks.check_memory_management_cosines, circuits.memory_management_cosines,
-                                  "Exercise 7.5"),
+    "split_mlp_logits": (checks.check_split_mlp_logits, circuits.split_mlp_logits, "Exercise 7.2"),
     "induction_attention": (checks.check_induction_attention, circuits.induction_attention, "Exercise 7.3"),
-    "composition_score": (checks.check_composition_score, circuits.composition_score, "Exercise 7.4"),
+    "patch_key_path": (checks.check_patch_key_path, circuits.patch_key_path, "Exercise 7.4"),
+    "correct_logit_attribution": (checks.check_correct_logit_attribution, circuits.correct_logit_attribution,
+                                  "Exercise 7.5"),
 }
 
 
@@ -517,104 +517,21 @@ def posqk_token_circuit(model):
     return circuits.full_qk_positional(model, 0, 0)  # [vocab, vocab]: tokens, not positions
 
 
-# chapter 07: one_layer_path_logits(model, tokens, pattern), naive_path_logits(model, cache),
-# memory_management_cosines(model), induction_attention(pattern, half), composition_score(a, b)
+# chapter 07: one_layer_path_logits(model, tokens, pattern) (the spec names the other exercises' mistakes)
 def paths_right(model, tokens, pattern):
     embedded = model.W_E[tokens] + model.W_pos[: tokens.shape[1]]
     head = torch.einsum("bqk,bkd->bqd", pattern[:, 0], embedded @ model.W_V[0, 0]) @ model.W_O[0, 0] @ model.W_U
     return embedded @ model.W_U, head
 
 
-def paths_forget_positions(model, tokens, pattern):
-    embedded = model.W_E[tokens]
-    head = torch.einsum("bqk,bkd->bqd", pattern[:, 0], embedded @ model.W_V[0, 0]) @ model.W_O[0, 0] @ model.W_U
-    return embedded @ model.W_U, head
-
-
-def paths_pattern_transposed(model, tokens, pattern):
+def paths_without_w_o(model, tokens, pattern):
     embedded = model.W_E[tokens] + model.W_pos[: tokens.shape[1]]
-    head = torch.einsum("bkq,bkd->bqd", pattern[:, 0], embedded @ model.W_V[0, 0]) @ model.W_O[0, 0] @ model.W_U
+    head = torch.einsum("bqk,bkd->bqd", pattern[:, 0], embedded @ model.W_V[0, 0]) @ model.W_U[: model.cfg.d_head]
     return embedded @ model.W_U, head
-
-
-def paths_as_sum(model, tokens, pattern):
-    return sum(paths_right(model, tokens, pattern))
-
-
-def naive_true_mlp(model, cache):  # the MLP on the whole input: correct, so not the naive sum
-    x = cache["hook_embed"] + cache["hook_pos_embed"]
-    return (x + cache["attn_out", 0] + circuits.mlp_output(model, x + cache["attn_out", 0])) @ model.W_U + model.b_U
-
-
-def naive_splits_only_x(model, cache):
-    x, attn = cache["hook_embed"] + cache["hook_pos_embed"], cache["attn_out", 0]
-    return (x + attn + circuits.mlp_output(model, x) + circuits.mlp_output(model, attn)) @ model.W_U + model.b_U
-
-
-def naive_forgets_skip(model, cache):
-    x = cache["hook_embed"] + cache["hook_pos_embed"]
-    pieces = circuits.head_pieces(model, cache)
-    through_mlp = circuits.mlp_output(model, x) + sum(circuits.mlp_output(model, p) for p in pieces)
-    return (pieces.sum(0) + through_mlp) @ model.W_U + model.b_U  # x itself left out
-
-
-def mm_dot_not_cosine(model):
-    return (model.W_in[0].T * model.W_out[0]).sum(-1)
-
-
-def mm_rows_of_w_in(model):
-    return F.cosine_similarity(model.W_in[0][: model.cfg.d_mlp], model.W_out[0], dim=-1)
-
-
-def mm_against_w_out_transposed(model):
-    return F.cosine_similarity(model.W_in[0], model.W_out[0].T, dim=0)[: model.cfg.d_mlp] * 0.5
-
-
-def induction_previous_token(pattern, half):
-    q = torch.arange(half, pattern.shape[-1])
-    return pattern[:, :, q, q - 1].mean(dim=(0, 2))
-
-
-def induction_same_token(pattern, half):
-    q = torch.arange(half, pattern.shape[-1])
-    return pattern[:, :, q, q - half].mean(dim=(0, 2))
-
-
-def induction_all_queries(pattern, half):
-    q = torch.arange(half - 1, pattern.shape[-1])
-    return pattern[:, :, q, q - half + 1].mean(dim=(0, 2))
-
-
-def comp_no_normalisation(a, b):
-    return torch.linalg.matrix_norm(a @ b).item()
-
-
-def comp_reversed_product(a, b):
-    return (torch.linalg.matrix_norm(b @ a) / (torch.linalg.matrix_norm(a) * torch.linalg.matrix_norm(b))).item() \
-        if a.shape[0] == b.shape[1] else float("nan")
-
-
-def comp_spectral_norm(a, b):
-    norm = lambda m: torch.linalg.matrix_norm(m, ord=2)  # noqa: E731
-    return (norm(a @ b) / (norm(a) * norm(b))).item()
 
 
 MISTAKES = [
-    ("one_layer_path_logits", paths_forget_positions),
-    ("one_layer_path_logits", paths_pattern_transposed),
-    ("one_layer_path_logits", paths_as_sum),
-    ("naive_path_logits", naive_true_mlp),
-    ("naive_path_logits", naive_splits_only_x),
-    ("naive_path_logits", naive_forgets_skip),
-    ("memory_management_cosines", mm_dot_not_cosine),
-    ("memory_management_cosines", mm_rows_of_w_in),
-    ("memory_management_cosines", mm_against_w_out_transposed),
-    ("induction_attention", induction_previous_token),
-    ("induction_attention", induction_same_token),
-    ("induction_attention", induction_all_queries),
-    ("composition_score", comp_no_normalisation),
-    ("composition_score", comp_reversed_product),
-    ("composition_score", comp_spectral_norm),
+    ("one_layer_path_logits", paths_without_w_o),
     ("token_to_neuron", t2n_forgets_pos),
     ("token_to_neuron", t2n_uses_unembed),
     ("token_to_neuron", t2n_transposed),

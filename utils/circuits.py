@@ -599,3 +599,109 @@ def accuracy_with_maps_replaced(model, tokens: Tensor, targets: Tensor, transfor
     _, cache = model.run_with_cache(tokens, names_filter=get_act_name("pattern", 0))
     pre = neuron_inputs(model, tokens, cache["pattern", 0], transform)
     return accuracy_with_neuron_inputs(model, tokens, targets, pre, tolerance)
+
+
+# --------------------------------------------------------------------- chapter 07: splits, paths by length, path patching
+def split_mlp_logits(model, pieces: list[Tensor]) -> Tensor:
+    """The logits of a one-layer model with an MLP when the MLP is applied to each piece of its input on its own, [batch, pos, vocab].
+
+    `pieces` are residual-stream tensors [batch, pos, d_model] that add up to the MLP's input
+    (resid_mid). The result is (sum(pieces) + sum_p MLP(p)) W_U + b_U, where the model computes
+    (sum(pieces) + MLP(sum(pieces))) W_U + b_U; with a single piece the two are the same. The
+    split [x, attn_out] is MLP(x) + MLP(attn); the split [x, piece_0, piece_1, ...] (head_pieces)
+    is the split per source token.
+    """
+    total = sum(pieces)
+    through_mlp = sum(mlp_output(model, piece) for piece in pieces)
+    return (total + through_mlp) @ model.W_U + model.b_U
+
+
+def repeat_loss_and_accuracy(logits: Tensor, targets: Tensor) -> tuple[float, float]:
+    """(mean cross-entropy in nats, accuracy) over the positions whose target is not IGNORE; logits [batch, pos, vocab]."""
+    from utils.tasks import IGNORE
+
+    keep = targets != IGNORE
+    loss = torch.nn.functional.cross_entropy(logits[keep], targets[keep]).item()
+    return loss, (logits[keep].argmax(-1) == targets[keep]).float().mean().item()
+
+
+def path_logits_by_length(model, cache) -> dict[int, Tensor]:
+    """The logits of a two-layer attention-only model as a sum over paths, grouped by length, {0, 1, 2: [batch, pos, vocab]}.
+
+    With both attention patterns frozen at the cached ones: length 0 is the direct path
+    (embed + pos_embed) W_U + b_U; length 1 every layer-0 head and every layer-1 head fed by the
+    embeddings; length 2 every layer-1 head fed by a layer-0 head (the virtual heads). The three
+    add up to the logits.
+    """
+    by_length = {0: (cache["embed"] + cache["pos_embed"]) @ model.W_U + model.b_U, 1: 0.0, 2: 0.0}
+    for h in range(model.cfg.n_heads):
+        by_length[1] = by_length[1] + head_output(model, cache, 0, h) @ model.W_U
+        for source, term in unraveled_head_terms(model, cache, 1, h).items():
+            by_length[1 if source == "embed" else 2] = by_length[1 if source == "embed" else 2] + term @ model.W_U
+    return by_length
+
+
+def patch_key_path(model, tokens: Tensor, corrupted: Tensor, sources: list[int], targets: list[int],
+                   reader: str = "k") -> Tensor:
+    """Logits [batch, pos, vocab] with one path patched: layer-0 heads `sources` -> the keys of layer-1 heads `targets`.
+
+    Only in the key input of the layer-1 heads `targets`, the outputs of the layer-0 heads
+    `sources` on `tokens` are replaced by their outputs on `corrupted` (same shape); every other
+    path (the queries and values of layer 1, the other layer-1 heads, the direct path to the
+    logits) still sees the clean outputs. The key is linear in its input, so the patch adds
+    (corrupted output - clean output) W_K to the key of each target head. `reader` "q" or "v"
+    patches the same outputs into the queries or the values instead (for comparison).
+    """
+    names = lambda name: name == get_act_name("z", 0)  # noqa: E731
+    _, clean = model.run_with_cache(tokens, names_filter=names)
+    _, dirty = model.run_with_cache(corrupted, names_filter=names)
+    change = sum((dirty["z", 0][:, :, h] - clean["z", 0][:, :, h]) @ model.W_O[0, h] for h in sources)
+    return model.run_with_hooks(tokens, fwd_hooks=[path_patch_hook(model, change, targets, reader)])
+
+
+def path_patch_hook(model, change: Tensor, targets: list[int], reader: str = "k") -> tuple:
+    """A (hook name, hook) pair that adds `change` [batch, pos, d_model] to the input of one reader of layer 1 only.
+
+    `reader` is "q", "k" or "v": the hook adds change W_Q (or W_K, W_V) of layer 1 to the queries
+    (keys, values) of the heads `targets`, which is what those heads would compute if the residual
+    stream had `change` added for them alone (each reader is linear in the stream).
+    """
+    weights = {"q": model.W_Q, "k": model.W_K, "v": model.W_V}[reader]
+
+    def patch(activation: Tensor, hook) -> Tensor:  # [batch, pos, head, d_head]
+        patched = activation.clone()
+        for h in targets:
+            patched[:, :, h] = patched[:, :, h] + change @ weights[1, h]
+        return patched
+
+    return get_act_name(reader, 1), patch
+
+
+def residual_components(model, cache) -> dict[str, Tensor]:
+    """Every term of an attention-only model's final residual stream: embed, pos_embed and each head's output, [batch, pos, d_model] each."""
+    parts = {"embed": cache["embed"], "pos_embed": cache["pos_embed"]}
+    for layer in range(model.cfg.n_layers):
+        for h in range(model.cfg.n_heads):
+            parts[f"L{layer}H{h}"] = head_output(model, cache, layer, h)
+    return parts
+
+
+def correct_logit_attribution(model, tokens: Tensor, targets: Tensor) -> dict[str, float]:
+    """Each component's mean direct contribution to the correct logit, {"embed", "pos_embed", "L0H0", ...: float}.
+
+    A component's contribution at a position is its output times W_U, centred on its mean over
+    the vocabulary (a constant added to every logit changes no prediction), read at the target
+    token; averaged over the positions whose target is not IGNORE. The contributions add up to
+    the model's centred correct logit (b_U, zero here, aside).
+    """
+    from utils.tasks import IGNORE
+
+    keep = targets != IGNORE
+    _, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith(("hook_embed", "hook_pos_embed",
+                                                                                      "hook_z")))
+    shares = {}
+    for name, part in residual_components(model, cache).items():
+        logits = part[keep] @ model.W_U  # [n, vocab]
+        centred = logits - logits.mean(-1, keepdim=True)
+        shares[name] = centred.gather(-1, targets[keep][:, None]).mean().item()
+    return shares
