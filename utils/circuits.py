@@ -705,3 +705,60 @@ def correct_logit_attribution(model, tokens: Tensor, targets: Tensor) -> dict[st
         centred = logits - logits.mean(-1, keepdim=True)
         shares[name] = centred.gather(-1, targets[keep][:, None]).mean().item()
     return shares
+
+
+# --------------------------------------------------------------------- chapter 06: the fibonacci model against the addition model
+@torch.no_grad()
+def accuracy_with_keys_dropped(model, tokens: Tensor, targets: Tensor, offsets, layer: int = 0,
+                               batch_size: int = 2048) -> dict[int, tuple[float, float]]:
+    """{query position: (accuracy, mean loss)} with the attention to some keys removed.
+
+    For every query position q the attention to the keys q - d, d in `offsets` (d >= 0, keys that
+    exist), is set to zero and the rest of the row is renormalised to sum to 1, in every head of
+    `layer`; the model runs on from there. Both figures are taken over the targets != IGNORE at
+    each position that has any. offsets = range(2, n_ctx) keeps only the keys q - 1 and q.
+    Runs `batch_size` inputs at a time (all 8,256 Fibonacci inputs at once peaked some 80 MB higher).
+    """
+    from utils.tasks import IGNORE
+
+    n = tokens.shape[1]
+    q, k = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    dropped = torch.zeros(n, n, dtype=torch.bool)
+    for d in offsets:
+        dropped |= (q - k) == d
+
+    def drop(pattern, hook):
+        kept = pattern.masked_fill(dropped, 0.0)
+        return kept / kept.sum(-1, keepdim=True)
+
+    right, loss, counted = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64), torch.zeros(n)
+    for chunk, chunk_targets in zip(tokens.split(batch_size), targets.split(batch_size)):
+        logits = model.run_with_hooks(chunk, fwd_hooks=[(get_act_name("pattern", layer), drop)])
+        for pos in range(n):
+            keep = chunk_targets[:, pos] != IGNORE
+            if keep.any():
+                right[pos] += (logits[keep, pos].argmax(-1) == chunk_targets[keep, pos]).sum()
+                loss[pos] += torch.nn.functional.cross_entropy(logits[keep, pos], chunk_targets[keep, pos],
+                                                               reduction="sum").double()
+                counted[pos] += keep.sum()
+    return {pos: ((right[pos] / counted[pos]).item(), (loss[pos] / counted[pos]).item())
+            for pos in range(n) if counted[pos] > 0}
+
+
+@torch.no_grad()
+def answer_agreement(model, other, pairs: Tensor, position: int = 1) -> float:
+    """Share of the inputs `pairs` [batch, pos] on which two models give the same answer (argmax) at `position`."""
+    return (model(pairs)[:, position].argmax(-1) == other(pairs)[:, position].argmax(-1)).float().mean().item()
+
+
+def best_match(curves: Tensor, others: Tensor) -> Tensor:
+    """For every column of `curves` [n, a], the largest |Pearson correlation| with any column of `others` [n, b], [a].
+
+    Neurons of two separately trained models are not numbered alike: this pairs each neuron
+    with the one of the other model whose curve (over the same n inputs) it follows best, sign aside.
+    """
+    def unit(x: Tensor) -> Tensor:
+        x = x.double() - x.double().mean(0)
+        return x / x.norm(dim=0).clamp(min=1e-12)
+
+    return (unit(curves).T @ unit(others)).abs().max(1).values.to(curves.dtype)

@@ -239,3 +239,22 @@ def explained_by_groups(values: Tensor, groups: Tensor) -> float:
     means, ids = group_means(values, groups)
     residual = values.double().flatten() - means[ids]
     return 1 - (residual.var() / values.double().var()).item()
+
+
+# --------------------------------------------------------------------- chapter 06: a null with the same spectrum
+def phase_shifted(values: Tensor, phases: Tensor) -> Tensor:
+    """Every column with each frequency's phase turned by `phases`, its power per frequency unchanged, [n, ...].
+
+    `phases` [n // 2 + 1, ...] are angles in radians, one per frequency (of the real FFT along the
+    first axis) and column; the constant and, for even n, the frequency n / 2 keep their phase (they
+    are real). With uniformly random phases this gives smooth random curves with exactly the
+    spectrum, and so the smoothness, of `values`: frequency_power is the same, the shape is not.
+    """
+    n = values.shape[0]
+    phases = phases.double().clone()
+    phases[0] = 0.0
+    if n % 2 == 0:
+        phases[-1] = 0.0
+    spectrum = torch.fft.rfft(values.double(), dim=0, norm="ortho")
+    return torch.fft.irfft(spectrum * torch.polar(torch.ones_like(phases), phases), n=n, dim=0,
+                           norm="ortho").to(values.dtype)
