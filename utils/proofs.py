@@ -69,6 +69,52 @@ def brute_force(model, n: int, from_circuits: bool = False, batch_size: int = 20
             "seconds": time.perf_counter() - start}
 
 
+def brute_force_accuracy(model, n: int) -> float:
+    """Share of all lists of length n on which the model's last position predicts the maximum."""
+    return brute_force(model, n)["accuracy"]
+
+
+# ------------------------------------------------------------------ the explanation as a replacement
+def logits_attention_on_max(model, lists: Tensor) -> Tensor:
+    """The last position's logits [batch, vocab] of `lists` [batch, n] with its attention replaced:
+    equal shares on every copy of the list's maximum, none elsewhere (a hook on the pattern)."""
+    is_max = (lists == lists.max(-1, keepdim=True).values).float()
+    wanted = is_max / is_max.sum(-1, keepdim=True)  # [batch, key]
+
+    def on_max(pattern, hook):
+        pattern = pattern.clone()
+        pattern[:, :, -1] = wanted[:, None]
+        return pattern
+
+    return model.run_with_hooks(lists, fwd_hooks=[("blocks.0.attn.hook_pattern", on_max)])[:, -1]
+
+
+def logits_with_replacements(model, lists: Tensor, attention: bool = False, ov: bool = False,
+                             direct: bool = False) -> Tensor:
+    """The last position's logits [batch, vocab] with parts of the model replaced by the explanation.
+
+    `attention`: equal shares on the copies of the maximum; `ov`: each OV row keeps its own token's
+    logit and puts its mean over the other logits everywhere else (it only copies); `direct`: the
+    direct path replaced by its mean over query tokens (it carries no information about the list).
+    """
+    scores, ov_table, direct_table = circuit_pieces(model, lists.shape[1])
+    if ov:
+        vocab = ov_table.shape[-1]
+        own = ov_table.diagonal(dim1=1, dim2=2)  # [k, y]
+        rest = (ov_table.sum(-1) - own) / (vocab - 1)
+        eye = torch.eye(vocab, dtype=torch.bool)
+        ov_table = torch.where(eye, own[..., None], rest[..., None])
+    if direct:
+        direct_table = direct_table.mean(0, keepdim=True).expand_as(direct_table)
+    logits = logits_from_circuits((scores, ov_table, direct_table), lists)
+    if attention:
+        is_max = (lists == lists.max(-1, keepdim=True).values).float()
+        pattern = is_max / is_max.sum(-1, keepdim=True)
+        k = torch.arange(lists.shape[1])
+        logits = direct_table[lists[:, -1]] + torch.einsum("bk,bkc->bc", pattern, ov_table[k, lists])
+    return logits
+
+
 # ------------------------------------------------------------------ counting
 def cell_count(vocab: int, n: int, t: int, m: int, lo: int) -> int:
     """How many lists of length n have last token t, maximum m and every other token <= lo (< m).
@@ -114,7 +160,7 @@ def _largest_certified(ok: Tensor, t: int) -> Tensor:
 
 
 # ------------------------------------------------------------------ strategy 1: worst attention, worst margins
-def least_attention_on_max(pieces: tuple[Tensor, Tensor, Tensor], lo: int) -> Tensor:
+def _least_attention(pieces: tuple[Tensor, Tensor, Tensor], lo: int) -> Tensor:
     """Least share of the last position's attention on the maximum, [vocab (last token t), vocab (max m)].
 
     Over every list of the cell (t, m, lo): e^A / (e^A + sum_{k<q} e^{B_k} + [t != m] e^{S[t,q,t]}),
@@ -136,7 +182,7 @@ def least_attention_on_max(pieces: tuple[Tensor, Tensor, Tensor], lo: int) -> Te
     return torch.where(fits, share, torch.zeros(()))
 
 
-def least_margin(pieces: tuple[Tensor, Tensor, Tensor], lo: int) -> Tensor:
+def _least_margin(pieces: tuple[Tensor, Tensor, Tensor], lo: int) -> Tensor:
     """Strategy 1's least logit margin of the maximum over every rival, [vocab (t), vocab (m)].
 
     min over c != m of D[t, m] - D[t, c] + min(p a + (1 - p) b, a), with p least_attention_on_max,
@@ -155,7 +201,7 @@ def least_margin(pieces: tuple[Tensor, Tensor, Tensor], lo: int) -> Tensor:
         b_rest = lead[:q, : lo + 1].amin((0, 1))
     else:  # no other token: p is 1 and b does not count
         b_rest = torch.zeros(vocab, vocab)
-    p = least_attention_on_max(pieces, lo)
+    p = _least_attention(pieces, lo)
     out = torch.full((vocab, vocab), torch.inf)
     for t in range(vocab):
         a = torch.where((tokens == t)[:, None], a_last, a_any)  # [m, c]
@@ -167,12 +213,24 @@ def least_margin(pieces: tuple[Tensor, Tensor, Tensor], lo: int) -> Tensor:
     return out.masked_fill(~fits, torch.inf)
 
 
+def least_attention_on_max(model, n: int, lo: int) -> Tensor:
+    """Strategy 1's least attention on the maximum for lists of length n whose other tokens are <= lo,
+    [vocab (last token t), vocab (maximum m)] (see _least_attention; 0 where no list fits)."""
+    return _least_attention(circuit_pieces(model, n), lo)
+
+
+def least_margin(model, n: int, lo: int) -> Tensor:
+    """Strategy 1's least logit margin of the maximum for lists of length n whose other tokens are <= lo,
+    [vocab (t), vocab (m)] (see _least_margin; +inf where no list fits)."""
+    return _least_margin(circuit_pieces(model, n), lo)
+
+
 def worst_case_bound(model, n: int) -> dict:
     """Strategy 1 at length n: {"accuracy" (a lower bound), "largest_other" [t, m], "seconds"}."""
     start = time.perf_counter()
     pieces = circuit_pieces(model, n)
     vocab = model.cfg.d_vocab
-    ok = torch.stack([least_margin(pieces, lo) > 0 for lo in range(-1, vocab)], -1)  # [t, m, lo + 1]
+    ok = torch.stack([_least_margin(pieces, lo) > 0 for lo in range(-1, vocab)], -1)  # [t, m, lo + 1]
     largest = torch.stack([_largest_certified(ok[t], t) for t in range(vocab)])
     return {"accuracy": certified_count(largest, n) / vocab**n, "largest_other": largest,
             "seconds": time.perf_counter() - start}
@@ -180,32 +238,32 @@ def worst_case_bound(model, n: int) -> dict:
 
 # ------------------------------------------------------------------ strategy 2: each cell's exact worst case
 def cell_worst_margins(pieces: tuple[Tensor, Tensor, Tensor], t: int) -> Tensor:
-    """For last token t, the exact least margin sign-weight of every cell, [vocab (m), vocab + 1 (lo + 1), vocab (c)].
+    """For last token t, the exact least margin weight of every cell, [vocab - t (m = t ...), vocab + 1 (lo + 1), vocab (c)].
 
     The margin of m over c is positive exactly when sum_k e^{S_k} (OV-margin_k + D-margin) > 0 (the
     softmax's denominator is positive), a sum with one term per position. Every position k < q
     holds m or any token <= lo independently, so the least sum over the cell is the sum of each
     position's least term, with one position forced to m when t != m. Entry > 0 for every c != m
-    means every list of the cell is answered right. lo runs from -1 (only copies of m).
+    means every list of the cell is answered right. lo runs from -1 (only copies of m); rows start
+    at m = t (a smaller maximum is no list).
     """
     scores, ov, direct = (x.double() for x in pieces)
     vocab, q = scores.shape[0], scores.shape[1] - 1
-    tokens = torch.arange(vocab)
-    shift = scores[t].max()
-    weight = (scores[t] - shift).exp()  # [k, y]
-    d = direct[t][:, None] - direct[t][None, :]  # [m, c]
-    lead = ov[:, :, :, None] - ov[:, :, None, :] + d  # [k, y, m, c]
+    maxima = torch.arange(t, vocab)
+    weight = (scores[t] - scores[t].max()).exp()  # [k, y]
+    d = direct[t, maxima][:, None] - direct[t][None, :]  # [m, c]
+    lead = ov[:, :, maxima, None] - ov[:, :, None, :] + d  # [k, y, m, c]
     term = weight[:, :, None, None] * lead  # [k, y, m, c]
-    on_max = term[:, tokens, tokens]  # [k, m, c]: position k holds m
+    on_max = term[:, maxima, torch.arange(len(maxima))]  # [k, m, c]: position k holds m
     query = term[q, t]  # [m, c]: the query position holds t
     if q == 0:
-        return query[:, None, :].expand(vocab, vocab + 1, vocab).clone()
-    inf = torch.full((q, 1, vocab, vocab), torch.inf, dtype=term.dtype)
+        return query[:, None, :].expand(len(maxima), vocab + 1, vocab).clone()
+    inf = torch.full((q, 1, len(maxima), vocab), torch.inf, dtype=term.dtype)
     rest = torch.cat([inf, term[:q].cummin(1).values], 1)  # [k, lo + 1, m, c]: least token <= lo at k
     either = torch.minimum(on_max[:q, None], rest)  # [k, lo + 1, m, c]
     total = query[None] + either.sum(0)  # [lo + 1, m, c]
     forced = (on_max[:q, None] - either).amin(0)  # the cheapest position to force to m
-    total = torch.where((tokens == t)[None, :, None], total, total + forced)
+    total = torch.where((maxima == t)[None, :, None], total, total + forced)
     return total.transpose(0, 1).float()
 
 
@@ -214,10 +272,11 @@ def cell_bound(model, n: int) -> dict:
     start = time.perf_counter()
     pieces = circuit_pieces(model, n)
     vocab = model.cfg.d_vocab
-    eye = torch.eye(vocab, dtype=torch.bool)[:, None, :]
     rows = []
     for t in range(vocab):
-        ok = (cell_worst_margins(pieces, t).masked_fill(eye, torch.inf) > 0).all(-1)  # [m, lo + 1]
+        eye = torch.eye(vocab, dtype=torch.bool)[t:, None, :]
+        ok = torch.ones(vocab, vocab + 1, dtype=torch.bool)
+        ok[t:] = (cell_worst_margins(pieces, t).masked_fill(eye, torch.inf) > 0).all(-1)  # [m, lo + 1]
         rows.append(_largest_certified(ok, t))
     largest = torch.stack(rows)
     return {"accuracy": certified_count(largest, n) / vocab**n, "largest_other": largest,
@@ -273,6 +332,19 @@ def strategy_flops(model, n: int, strategy: str) -> int:
     if strategy == "cells":
         return pieces + vocab * (4 * n * vocab**3)
     raise ValueError(f"unknown strategy {strategy!r}: 'brute force', 'worst case' or 'cells'")
+
+
+def lost_by_gap(largest_other: Tensor, n: int) -> Tensor:
+    """Lists of length n the certified cells leave out, by the gap between the maximum and the runner-up,
+    [vocab] (a count; gap 0, a tie, is never lost: a tied maximum is in the cell with lo = -1 ... lo = m - 1)."""
+    vocab = largest_other.shape[0]
+    lost = torch.zeros(vocab, dtype=torch.float64)
+    for t in range(vocab):
+        for m in range(t, vocab):
+            lo = int(largest_other[t, m])
+            for r in range(max(lo, -1) + 1, m):  # runner-up exactly r: cells r and r - 1 differ by those lists
+                lost[m - r] += cell_count(vocab, n, t, m, r) - cell_count(vocab, n, t, m, r - 1)
+    return lost
 
 
 def list_fraction_by_gap(vocab: int, n: int) -> Tensor:
