@@ -2177,7 +2177,7 @@ def _brute_cases() -> list[Case]:
 
 def _brute(model, n: int, target: str = "max", position: int = -1, skip_ties: bool = False) -> float:
     lists = tasks.all_lists(n, model.cfg.d_vocab)
-    logits = torch.cat([model(chunk)[:, position] for chunk in lists.split(100_000)])
+    logits = torch.cat([model(chunk)[:, position] for chunk in lists.split(20_000)])
     answer = {"max": lists.max(-1).values, "last": lists[:, -1], "prefix": lists[:, : position % n + 1].max(-1).values}
     right = logits.argmax(-1) == answer[target]
     if skip_ties:

@@ -47,7 +47,7 @@ def logits_from_circuits(pieces: tuple[Tensor, Tensor, Tensor], lists: Tensor) -
     return direct[lists[:, -1]] + torch.einsum("bk,bkc->bc", pattern, ov[k, lists])
 
 
-def brute_force(model, n: int, from_circuits: bool = False, batch_size: int = 200_000) -> dict:
+def brute_force(model, n: int, from_circuits: bool = False, batch_size: int = 40_000) -> dict:
     """Accuracy at the last position over every list of length n, by running them all.
 
     Returns {"accuracy", "wrong" (the lists answered wrong, [n_wrong, n]), "runs" (lists run),
