@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from utils import checks
 from utils import circuits as _circuits, fourier as _fourier, models as _models, tasks as _tasks, train as _train
+from utils import proofs as _proofs
 from utils.checks import CheckFailed
 
 
@@ -38,6 +39,7 @@ class _Unwatched(types.SimpleNamespace):
 
 
 circuits, fourier, models, tasks, train = map(_Unwatched, (_circuits, _fourier, _models, _tasks, _train))
+proofs = _Unwatched(_proofs)
 
 IGNORE = tasks.IGNORE
 NAN = float("nan")
@@ -91,6 +93,11 @@ CHECKS = {
     "patch_key_path": (checks.check_patch_key_path, circuits.patch_key_path, "Exercise 7.4"),
     "correct_logit_attribution": (checks.check_correct_logit_attribution, circuits.correct_logit_attribution,
                                   "Exercise 7.5"),
+    "logits_attention_on_max": (checks.check_logits_attention_on_max, proofs.logits_attention_on_max, "Exercise 8.1"),
+    "brute_force_accuracy": (checks.check_brute_force_accuracy, proofs.brute_force_accuracy, "Exercise 8.2"),
+    "least_attention_on_max": (checks.check_least_attention_on_max, proofs.least_attention_on_max, "Exercise 8.3"),
+    "least_margin": (checks.check_least_margin, proofs.least_margin, "Exercise 8.4"),
+    "certified_count": (checks.check_certified_count, proofs.certified_count, "Exercise 8.5"),
 }
 
 
