@@ -10,13 +10,15 @@ from utils import circuits, fourier, models, tasks
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_no_grad():
+    """These tests only read models: no gradients, and no other test file is affected."""
     torch.manual_seed(0)
+    with torch.no_grad():
+        yield
 
 
 @pytest.fixture(scope="module")
 def fibonacci():
-    torch.set_grad_enabled(False)
     tokens, targets = tasks.fibonacci_sequences()
     pick = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(0))  # not only the pairs starting at 0
     return models.load_model("fibonacci"), tokens[pick], targets[pick]
