@@ -44,61 +44,22 @@ proofs = _Unwatched(_proofs)
 IGNORE = tasks.IGNORE
 NAN = float("nan")
 
-# check name -> (checker, reference implementation, exercise label)
-CHECKS = {
-    "residual_from_components": (checks.check_residual_from_components, circuits.residual_from_components, "Exercise 0.1"),
-    "attention_pattern": (checks.check_attention_pattern, circuits.attention_pattern, "Exercise 0.2"),
-    "fraction_attending_to_max": (checks.check_fraction_attending_to_max, circuits.fraction_attending_to_max, "Exercise 0.3"),
-    "uniform_attention_accuracy": (checks.check_uniform_attention_accuracy, circuits.uniform_attention_accuracy, "Exercise 0.4"),
-    "rotate_residual_stream": (checks.check_rotate_residual_stream, models.rotate_residual_stream, "Exercise 0.5"),
-    "max_of_list_targets": (checks.check_max_of_list_targets, tasks.max_of_list_targets, "Exercise 1.1"),
-    "fibonacci_targets": (checks.check_fibonacci_targets, tasks.fibonacci_targets, "Exercise 1.2"),
-    "train_step": (checks.check_train_step, train.train_step, "Exercise 1.3"),
-    "steps_below": (checks.check_steps_below, train.steps_below, "Exercise 1.4"),
-    "agreement_by_position": (checks.check_agreement_by_position, models.agreement_by_position, "Exercise 1.5"),
-    "accuracy_by_sum": (checks.check_accuracy_by_sum, models.accuracy_by_sum, "Exercise 1.6"),
-    "bigram_log_table": (checks.check_bigram_log_table, models.bigram_table, "Exercise 2.1"),
-    "kl_to_chain": (checks.check_kl_to_chain, models.kl_to_chain, "Exercise 2.2"),
-    "direct_path_logits": (checks.check_direct_path_logits, circuits.direct_path_logits, "Exercise 2.3"),
-    "logit_boosts": (checks.check_logit_boosts, circuits.logit_boosts, "Exercise 2.4"),
-    "logits_without_direct_path": (checks.check_logits_without_direct_path, circuits.logits_without_direct_path,
-                                   "Exercise 2.5"),
-    "token_qk_circuit": (checks.check_token_qk_circuit, circuits.full_qk_tokens, "Exercise 3.1"),
-    "full_ov_circuit": (checks.check_full_ov_circuit, lambda model: model.W_E @ model.W_V[0, 0] @ model.W_O[0, 0] @ model.W_U, "Exercise 3.2"),
-    "copying_score": (checks.check_copying_score, circuits.copying_score, "Exercise 3.3"),
-    "fraction_ordered": (checks.check_fraction_ordered, circuits.fraction_ordered, "Exercise 3.4"),
-    "token_only_agreement": (checks.check_token_only_agreement, circuits.token_only_agreement, "Exercise 3.5"),
-    "frozen_mix_gap": (checks.check_frozen_mix_gap, circuits.frozen_mix_gap, "Exercise 3.6"),
-    "positional_qk_circuit": (checks.check_positional_qk_circuit, circuits.full_qk_positional, "Exercise 4.1"),
-    "qk_terms": (checks.check_qk_terms, circuits.qk_score_terms, "Exercise 4.2"),
-    "ordering_by_term": (checks.check_ordering_by_term, circuits.ordering_by_term, "Exercise 4.3"),
-    "worst_margin_by_gap": (checks.check_worst_margin_by_gap, circuits.worst_margin_by_gap, "Exercise 4.4"),
-    "attention_needed": (checks.check_attention_needed, circuits.attention_needed, "Exercise 4.5"),
-    "token_to_neuron": (checks.check_token_to_neuron, circuits.token_to_neuron, "Exercise 5.1"),
-    "frequency_power": (checks.check_frequency_power, fourier.frequency_power, "Exercise 5.2"),
-    "shares_against_monotone": (checks.check_shares_against_monotone, fourier.shares_against_monotone, "Exercise 5.3"),
-    "sinusoid_residual": (checks.check_sinusoid_residual, fourier.sinusoid_residual, "Exercise 5.4"),
-    "explained_by_groups": (checks.check_explained_by_groups, fourier.explained_by_groups, "Exercise 5.5"),
-    "accuracy_with_maps_replaced": (checks.check_accuracy_with_maps_replaced, circuits.accuracy_with_maps_replaced,
-                                    "Exercise 5.6"),
-    "positional_qk_scores": (checks.check_positional_qk_scores, circuits.positional_qk_scores, "Exercise 6.1"),
-    "accuracy_with_keys_dropped": (checks.check_accuracy_with_keys_dropped, circuits.accuracy_with_keys_dropped,
-                                   "Exercise 6.2"),
-    "answer_agreement": (checks.check_answer_agreement, circuits.answer_agreement, "Exercise 6.3"),
-    "best_match": (checks.check_best_match, circuits.best_match, "Exercise 6.4"),
-    "phase_shifted": (checks.check_phase_shifted, fourier.phase_shifted, "Exercise 6.5"),
-    "one_layer_path_logits": (checks.check_one_layer_path_logits, lambda m, t, p: paths_right(m, t, p), "Exercise 7.1"),
-    "split_mlp_logits": (checks.check_split_mlp_logits, circuits.split_mlp_logits, "Exercise 7.2"),
-    "induction_attention": (checks.check_induction_attention, circuits.induction_attention, "Exercise 7.3"),
-    "patch_key_path": (checks.check_patch_key_path, circuits.patch_key_path, "Exercise 7.4"),
-    "correct_logit_attribution": (checks.check_correct_logit_attribution, circuits.correct_logit_attribution,
-                                  "Exercise 7.5"),
-    "logits_attention_on_max": (checks.check_logits_attention_on_max, proofs.logits_attention_on_max, "Exercise 8.1"),
-    "brute_force_accuracy": (checks.check_brute_force_accuracy, proofs.brute_force_accuracy, "Exercise 8.2"),
-    "least_attention_on_max": (checks.check_least_attention_on_max, proofs.least_attention_on_max, "Exercise 8.3"),
-    "least_margin": (checks.check_least_margin, proofs.least_margin, "Exercise 8.4"),
-    "certified_count": (checks.check_certified_count, proofs.certified_count, "Exercise 8.5"),
-}
+_UNWATCHED = {module.__name__: copy for module, copy in [(_circuits, circuits), (_fourier, fourier), (_models, models),
+                                                           (_tasks, tasks), (_train, train), (_proofs, proofs)]}
+# references that are not the spec's own: full_ov returns a FactoredMatrix, the learner returns a tensor; the
+# one-layer path expansion is defined below
+_OTHER_REFERENCES = {"full_ov_circuit": lambda model: model.W_E @ model.W_V[0, 0] @ model.W_O[0, 0] @ model.W_U,
+                     "one_layer_path_logits": lambda m, t, p: paths_right(m, t, p)}
+
+
+def _unwatched_reference(spec):
+    reference = spec.references[0]
+    return getattr(_UNWATCHED[reference.__module__], reference.__name__)
+
+
+# check name -> (checker, reference implementation, exercise label), one entry per exercise spec
+CHECKS = {spec.function: (spec.check, _OTHER_REFERENCES.get(spec.function) or _unwatched_reference(spec),
+                          f"Exercise {spec.number}") for spec in checks.EXERCISES.values()}
 
 
 @pytest.fixture(autouse=True)

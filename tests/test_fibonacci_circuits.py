@@ -9,12 +9,12 @@ import torch
 from utils import circuits, fourier, models, tasks
 
 
+pytestmark = pytest.mark.usefixtures("reading_only")
+
+
 @pytest.fixture(autouse=True)
-def _seed_and_no_grad():
-    """These tests only read models: no gradients, and no other test file is affected."""
+def _seed():
     torch.manual_seed(0)
-    with torch.no_grad():
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -15,11 +15,7 @@ from utils import circuits, models, tasks
 
 
 
-@pytest.fixture(autouse=True)
-def _no_grad():
-    """These tests only read models; without gradients they are faster and lighter (and no other test is affected)."""
-    with torch.no_grad():
-        yield
+pytestmark = pytest.mark.usefixtures("reading_only")
 
 
 @pytest.fixture(scope="module")

@@ -20,10 +20,7 @@ SEEDS = Path("/work/main/.seeds")
 STRATEGIES = {"worst case": proofs.worst_case_bound, "cells": proofs.cell_bound}
 
 
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
+pytestmark = pytest.mark.usefixtures("reading_only")
 
 
 @pytest.fixture(scope="module")
