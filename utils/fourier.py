@@ -258,3 +258,152 @@ def phase_shifted(values: Tensor, phases: Tensor) -> Tensor:
     spectrum = torch.fft.rfft(values.double(), dim=0, norm="ortho")
     return torch.fft.irfft(spectrum * torch.polar(torch.ones_like(phases), phases), n=n, dim=0,
                            norm="ortho").to(values.dtype)
+
+
+# --------------------------------------------------------------------- chapter 05: three stories (clock, smooth curve, helix)
+# A clock puts every number on circles whose periods divide the 128 values and wraps 127 onto 0. A
+# smooth non-periodic curve has a spectrum that falls with the frequency. A helix (Kantamneni and
+# Tegmark 2025, "Language Models Use Trigonometry to Do Addition") is a line plus circles of a few
+# periods, any periods: its spectrum has a band peak at those periods, and a fit in the basis
+# [1, a, cos 2πa/T, sin 2πa/T, ...] describes it with few numbers. The FFT reads the interval as a
+# loop and builds the jump from 127 back to 0 out of weak high frequencies; the cosine transform
+# (DCT) and the helix basis do not, so the bases below are compared without that handicap.
+def fit_in_basis(values: Tensor, basis: Tensor) -> Tensor:
+    """Least-squares fit of every column of `values` [n, ...] by the columns of `basis` [n, k], [n, ...]."""
+    flat = values.double().reshape(values.shape[0], -1)
+    basis = basis.double()
+    return (basis @ torch.linalg.lstsq(basis, flat).solution).reshape(values.shape).to(values.dtype)
+
+
+def dct_basis(n: int, size: int | None = None) -> Tensor:
+    """The first `size` (default n) orthonormal DCT-II cosines over n tokens, [n, size].
+
+    Column j is cos(π j (t + 1/2) / n), scaled to unit length: j half-periods over the interval, a
+    period of 2 n / j tokens. Column 0 is the constant, column 1 one smooth rise across the interval;
+    unlike the FFT's waves the cosines need not meet at the two ends, so no jump from n - 1 to 0 is built.
+    """
+    t = torch.arange(n, dtype=torch.float64)
+    basis = torch.stack([torch.cos(math.pi * j * (t + 0.5) / n) for j in range(size or n)], dim=1)
+    return basis / basis.norm(dim=0)
+
+
+def dct_power(values: Tensor) -> Tensor:
+    """Sum of squares every DCT cosine carries along the first axis, [n, ...]; entry 0 is the constant.
+
+    The entries add up to (values ** 2).sum(0), so power[1:] / power[1:].sum(0) is the fraction of each
+    column's variance at j half-periods over the interval (period 2 n / j tokens).
+    """
+    basis = dct_basis(values.shape[0])
+    flat = values.double().reshape(values.shape[0], -1)
+    return ((basis.T @ flat) ** 2).reshape(values.shape)
+
+
+def dct_fractions(values: Tensor) -> Tensor:
+    """Fraction of the whole map's variance (all columns pooled) at every DCT index, [n]; entry 0 (the constant) is 0."""
+    power = dct_power(values).reshape(values.shape[0], -1).sum(-1)
+    power[0] = 0
+    return power / power.sum()
+
+
+def dct_indices_for_periods(n: int, shortest: float, longest: float) -> list[int]:
+    """The DCT indices j whose period 2 n / j over n tokens lies between `shortest` and `longest` tokens."""
+    return [j for j in range(1, n) if shortest <= 2 * n / j <= longest]
+
+
+def helix_basis(n: int, periods: Iterable[float]) -> Tensor:
+    """The helix basis over the tokens 0 .. n-1, [n, 2 + 2 * len(periods)]:
+    a constant, a line t / n, and cos 2πt/T, sin 2πt/T for every period T (in tokens)."""
+    t = torch.arange(n, dtype=torch.float64)
+    columns = [torch.ones_like(t), t / n]
+    for period in periods:
+        columns += [torch.cos(2 * math.pi * t / period), torch.sin(2 * math.pi * t / period)]
+    return torch.stack(columns, dim=1)
+
+
+def legendre_basis(n: int, degree: int) -> Tensor:
+    """Legendre polynomials of degree 0 .. `degree` over the n tokens mapped to [-1, 1], [n, degree + 1]."""
+    x = torch.linspace(-1, 1, n, dtype=torch.float64)
+    return torch.stack([torch.special.legendre_polynomial_p(x, d) for d in range(degree + 1)], dim=1)
+
+
+def left_share(values: Tensor, fitted: Tensor) -> float:
+    """Share of the whole map's variance (every column about its mean, pooled) that `fitted` leaves unexplained."""
+    values, fitted = values.double(), fitted.double()
+    return (((values - fitted) ** 2).sum() / ((values - values.mean(0)) ** 2).sum()).item()
+
+
+def helix_periods(values: Tensor, count: int, candidates: Iterable[float] = range(8, 257)) -> list[float]:
+    """`count` periods (tokens), chosen one at a time: each the candidate whose helix_basis, together with
+    the periods already chosen, leaves the least of the map's pooled variance [n, ...] unexplained."""
+    n, chosen = values.shape[0], []
+    for _ in range(count):
+        free = [float(p) for p in candidates if all(abs(p - c) > 1 for c in chosen)]
+        chosen.append(min(free, key=lambda p: left_share(values, fit_in_basis(values, helix_basis(n, chosen + [p])))))
+    return chosen
+
+
+def sinusoid_trend_residual(values: Tensor, periods: Iterable[float] = torch.arange(12, 200.5, 0.5).tolist()
+                            ) -> tuple[Tensor, Tensor]:
+    """The best line plus one wave of a free period, a + b t + c cos 2πt/T + d sin 2πt/T, through every column.
+
+    Five numbers per curve (a, b, c, d and T, tried over `periods`), as many as a polynomial of degree 4.
+    Returns (residual share [...], best period in tokens [...]): the fraction of each column's variance
+    the best fit leaves unexplained, and its period.
+    """
+    flat = values.double().reshape(values.shape[0], -1)
+    best = torch.full((flat.shape[1],), float("inf"), dtype=torch.float64)
+    best_period = torch.zeros(flat.shape[1], dtype=torch.float64)
+    for period in periods:
+        share = _residual_share(flat, fit_in_basis(flat, helix_basis(flat.shape[0], [period])))
+        better = share < best
+        best, best_period = torch.where(better, share, best), torch.where(better, float(period), best_period)
+    return best.reshape(values.shape[1:]), best_period.reshape(values.shape[1:])
+
+
+def polynomial_residual(values: Tensor, degree: int) -> Tensor:
+    """Fraction of each column's variance the least-squares polynomial of `degree` leaves unexplained, [...]."""
+    return _residual_share(values, polynomial_fit(values, degree)).reshape(values.shape[1:])
+
+
+def leading_pair(values: Tensor) -> dict[str, Tensor | float]:
+    """The two principal directions of a map [n tokens, d] once its best line in the token is taken out.
+
+    Returns {"plane": [n, 2] coordinates of every token in the plane of the two leading principal
+    directions, "angle": [n] its angle round the centre, unwrapped (radians), "radius": [n] its distance
+    from the centre, "line_share": share of the map's variance the line explains, "pair_share": share of
+    the map's variance the pair holds, "radius_variation": std / mean of the distance from the centre
+    over the tokens (0 for a circle), "turns": how many times the angle winds round, start to end,
+    "angle_fit": R² of the unwrapped angle against the token (1 for an angle that advances at a steady rate)}.
+    """
+    values = values.double()
+    n = values.shape[0]
+    line = fit_in_basis(values, helix_basis(n, []))
+    total = ((values - values.mean(0)) ** 2).sum()
+    rest = values - line
+    u, s, _ = torch.linalg.svd(rest, full_matrices=False)
+    plane = u[:, :2] * s[:2]
+    radius = plane.norm(dim=1)
+    angle = torch.atan2(plane[:, 1], plane[:, 0])
+    steps = torch.remainder(angle.diff() + math.pi, 2 * math.pi) - math.pi  # the shorter way round at every step
+    unwrapped = torch.cat([angle[:1], angle[0] + steps.cumsum(0)])
+    fitted = fit_in_basis(unwrapped[:, None], helix_basis(n, []))[:, 0]
+    return {"plane": plane, "angle": unwrapped, "radius": radius, "line_share": 1 - ((rest ** 2).sum() / total).item(),
+            "pair_share": ((s[:2] ** 2).sum() / total).item(),
+            "radius_variation": (radius.std() / radius.mean()).item(),
+            "turns": abs(unwrapped[-1] - unwrapped[0]).item() / (2 * math.pi),
+            "angle_fit": 1 - left_share(unwrapped[:, None], fitted[:, None])}
+
+
+def accuracy_with_embedding(model, tokens: Tensor, targets: Tensor, embedding: Tensor, tolerance: int = 0) -> float:
+    """Accuracy (over targets != IGNORE, within `tolerance`) when the model reads `embedding` [vocab, d_model] in place of W_E.
+
+    A hook on the token embedding hands every position the row of `embedding` for its token; positions,
+    attention, MLP and unembedding run as trained.
+    """
+    from utils.tasks import IGNORE
+
+    embedding = embedding.to(model.W_E.dtype)
+    with torch.no_grad():
+        logits = model.run_with_hooks(tokens, fwd_hooks=[("hook_embed", lambda act, hook: embedding[tokens])])
+    keep = targets != IGNORE
+    return ((logits.argmax(-1)[keep] - targets[keep]).abs() <= tolerance).float().mean().item()
