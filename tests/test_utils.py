@@ -184,6 +184,22 @@ class TestBigram:
         uniform = torch.full_like(T, 1 / len(T)).log()
         assert models.kl_to_chain(uniform, T, pi) > 100 * models.kl_to_chain(table, T, pi)
 
+    def test_sampled_bigram_table_smoothing(self):
+        T = tasks.bigram_transition_matrix()
+        steps = 20_000  # small enough that some transitions go unseen
+        plain = tasks.sampled_bigram_table(T, steps, torch.Generator().manual_seed(0), smoothing=0.0)
+        smoothed = tasks.sampled_bigram_table(T, steps, torch.Generator().manual_seed(0))
+        unseen = torch.isinf(plain)
+        assert unseen.any() and torch.isfinite(smoothed).all()
+        torch.testing.assert_close(plain.exp().sum(-1), torch.ones(len(T)))
+        # the same sample: an unseen transition is the least likely of its row once smoothed
+        row_min = smoothed.min(-1, keepdim=True).values.expand_as(smoothed)
+        assert torch.equal(smoothed[unseen], row_min[unseen])
+        # and the smoothed seen cells keep the plain frequencies' order
+        for a in range(len(T)):
+            seen = ~unseen[a]
+            assert torch.equal(plain[a, seen].argsort(stable=True), smoothed[a, seen].argsort(stable=True))
+
 
 def _induction_oracle_targets(tokens: torch.Tensor) -> torch.Tensor:
     """Next token wherever the current token occurred exactly once before and the one after it is in view, else IGNORE.

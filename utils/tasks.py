@@ -200,18 +200,21 @@ def stationary_distribution(transitions: Tensor) -> Tensor:
     return (p / p.sum()).float()
 
 
-def sampled_bigram_table(transitions: Tensor, steps: int, generator: torch.Generator | None = None) -> Tensor:
+def sampled_bigram_table(transitions: Tensor, steps: int, generator: torch.Generator | None = None,
+                         smoothing: float = 0.5) -> Tensor:
     """The empirical log transition table of `steps` transitions drawn from the chain, [vocab, vocab].
 
     Each state is visited in proportion to the stationary distribution and its successors are
-    counted; this is the best estimate of the table a sample of that size allows. Transitions
-    never seen get a count of 1/2 (add-half smoothing), so every log-probability is finite.
+    counted. `smoothing` is added to every count before normalising (add-k smoothing): with the
+    default 1/2 a transition never seen keeps a finite log-probability; with 0 the table is the
+    plain frequencies, and a transition the sample never saw gets log-probability -inf. The same
+    generator state draws the same sample whatever the smoothing.
     """
     visits = torch.multinomial(stationary_distribution(transitions), steps, replacement=True, generator=generator)
     counts = torch.stack([torch.bincount(torch.multinomial(row, int(n), replacement=True, generator=generator),
                                          minlength=len(row)) if n else torch.zeros(len(row), dtype=torch.long)
                           for row, n in zip(transitions, torch.bincount(visits, minlength=len(transitions)))])
-    counts = counts.float() + 0.5
+    counts = counts.float() + smoothing
     return (counts / counts.sum(-1, keepdim=True)).log()
 
 
