@@ -309,8 +309,25 @@ def _least_attention(pieces: tuple[Tensor, Tensor, Tensor], lo: int, score_error
     return torch.where(fits, share, torch.zeros((), dtype=scores.dtype))
 
 
+def _margin_tables(pieces: tuple[Tensor, Tensor, Tensor]) -> dict[str, Tensor]:
+    """The worst OV and direct-path leads strategy 1 mixes, once per length: "a" [t, m, c] (m at any k < q,
+    or at any k <= q when t = m), "b" [lo + 1, m, c] (a token <= lo at a k < q; 0 for lo = -1, where it does
+    not count), "lead_q" [t, m, c] (token t at q) and "d" [t, m, c] (the direct path's lead)."""
+    scores, ov, direct = (x.double() for x in pieces)
+    vocab, q = scores.shape[0], scores.shape[1] - 1
+    tokens = torch.arange(vocab)
+    lead = ov[:, :, :, None] - ov[:, :, None, :]  # [k, y, m, c]: OV margin of m over c from token y at k
+    own = lead[:, tokens, tokens]  # [k, m, c]
+    a_any = own[:q].amin(0) if q > 0 else torch.full((vocab, vocab), torch.inf, dtype=lead.dtype)
+    none = torch.zeros(1, vocab, vocab, dtype=lead.dtype)  # no other token: p is 1 and b does not count
+    b = torch.cat([none, lead[:q].amin(0).cummin(0).values if q > 0 else none.expand(vocab, -1, -1)])
+    is_t = torch.eye(vocab, dtype=torch.bool)[:, :, None]  # [t, m, 1]: the list ends with its maximum
+    return {"a": torch.where(is_t, own.amin(0), a_any), "b": b, "lead_q": lead[q],
+            "d": direct[:, :, None] - direct[:, None, :]}
+
+
 def _least_margin(pieces: tuple[Tensor, Tensor, Tensor], lo: int, share: Tensor | None = None,
-                  allowance: Tensor | None = None) -> Tensor:
+                  allowance: Tensor | None = None, tables: dict[str, Tensor] | None = None) -> Tensor:
     """Strategy 1's least logit margin of the maximum over every rival, [vocab (t), vocab (m)].
 
     min over c != m of D[t, m] - D[t, c] + min(p a + (1 - p) b, a), with p the least attention on the
@@ -319,23 +336,14 @@ def _least_margin(pieces: tuple[Tensor, Tensor, Tensor], lo: int, share: Tensor 
     With `allowance` [t, m, c], it is subtracted from the margin over c first. Positive means the cell is
     certified; +inf where no list fits it. Sound because the margin is linear in the split p.
     """
-    scores, ov, direct = (x.double() for x in pieces)
-    vocab, q = scores.shape[0], scores.shape[1] - 1
+    tables = _margin_tables(pieces) if tables is None else tables
+    vocab = tables["d"].shape[0]
     tokens = torch.arange(vocab)
-    lead = ov[:, :, :, None] - ov[:, :, None, :]  # [k, y, m, c]: OV margin of m over c from token y at k
-    own = lead[:, tokens, tokens]  # [k, m, c]
-    a_any = own[:q].amin(0) if q > 0 else torch.full((vocab, vocab), torch.inf, dtype=lead.dtype)
-    a_last = own.amin(0)  # t = m: m at q, maybe before it too
-    if lo >= 0 and q > 0:
-        b_rest = lead[:q, : lo + 1].amin((0, 1))
-    else:  # no other token: p is 1 and b does not count
-        b_rest = torch.zeros(vocab, vocab, dtype=lead.dtype)
+    a, b_rest = tables["a"], tables["b"][lo + 1]
     p = (_least_attention(pieces, lo) if share is None else share)[:, :, None]  # [t, m, 1]
     is_t = torch.eye(vocab, dtype=torch.bool)[:, :, None]  # [t, m, 1]: the list ends with its maximum
-    a = torch.where(is_t, a_last, a_any)  # [t, m, c]
-    b = torch.where(is_t, b_rest, torch.minimum(b_rest, lead[q]))  # lead[q, t]: the query's own token
-    d = direct[:, :, None] - direct[:, None, :]  # [t, m, c]
-    margin = d + torch.minimum(p * a + (1 - p) * b, a)
+    b = torch.where(is_t, b_rest, torch.minimum(b_rest, tables["lead_q"]))  # the query's own token t, when t != m
+    margin = tables["d"] + torch.minimum(p * a + (1 - p) * b, a)
     if allowance is not None:
         margin = margin - allowance
     out = margin.masked_fill(torch.eye(vocab, dtype=torch.bool), torch.inf).amin(-1)
@@ -374,7 +382,8 @@ def worst_case_bound(model, n: int, rounding: bool = True) -> dict:
     allowance = rounding_allowance(model, n) if rounding else None
     error = allowance["score"] if rounding else None
     margin_allowance = _margin_allowance(allowance) if rounding else None
-    ok = torch.stack([_least_margin(pieces, lo, _least_attention(pieces, lo, error), margin_allowance) > 0
+    tables = _margin_tables(pieces)
+    ok = torch.stack([_least_margin(pieces, lo, _least_attention(pieces, lo, error), margin_allowance, tables) > 0
                       for lo in range(-1, vocab)], -1)  # [t, m, lo + 1]
     largest = torch.stack([_largest_certified(ok[t], t) for t in range(vocab)])
     return {"accuracy": certified_count(largest, n) / vocab**n, "largest_other": largest,
@@ -383,6 +392,7 @@ def worst_case_bound(model, n: int, rounding: bool = True) -> dict:
 
 # ------------------------------------------------------------------ strategy 2: each cell's worst case
 UNDERFLOW_FLOOR = 2.0**-1000  # float64 exponentials below 2^-1022 may underflow: far less than this in all
+ONE_SHIFT_SPREAD = 600.0  # rows of scores spanning less than this share one shift (e^-600 is far from underflow)
 
 
 def cell_worst_margins(pieces: tuple[Tensor, Tensor, Tensor], t: int, allowance: dict | None = None) -> Tensor:
@@ -394,7 +404,8 @@ def cell_worst_margins(pieces: tuple[Tensor, Tensor, Tensor], t: int, allowance:
     term, with one position forced to m when t != m. With `allowance` (rounding_allowance), A is the
     margin's rounding allowance and each e^{S_k} is moved against its term by the score's allowance;
     without it, A = 0 (exact arithmetic). The sums are in float64, in units of e^{the largest score the
-    cell allows}, so no term that matters can underflow; what could is taken off (UNDERFLOW_FLOOR). An
+    cell allows} (or of the largest score of the row, when the row spans less than 600), so no term that
+    matters can underflow; what could is taken off (UNDERFLOW_FLOOR). An
     entry > 0 for every c != m means every list of the cell is answered right. lo runs from -1 (only
     copies of m); rows start at m = t (a smaller maximum is no list).
     """
@@ -409,6 +420,22 @@ def cell_worst_margins(pieces: tuple[Tensor, Tensor, Tensor], t: int, allowance:
         lead = lead - _margin_allowance(allowance)[t, maxima]
         error = allowance["score"][t]
     sign = lead.sign()
+    if scores[t].max() - scores[t].min() + 2 * error.max() < ONE_SHIFT_SPREAD:
+        # every e^{S - largest} is above e^-600, far from float64's underflow (e^-708): one shift for all cells
+        weight = (scores[t] - scores[t].max())[:, :, None, None] - error[:, :, None, None] * sign
+        term = weight.exp() * lead  # [k, y, m, c]
+        on_max = term[:, maxima, index]  # [k, m, c]: position k holds m
+        total = term[q, t][None].expand(vocab + 1, -1, -1)  # [lo + 1, m, c]: the query position holds t
+        if q > 0:
+            for lo in range(1, vocab):  # the least term of a token <= lo at k: a running minimum
+                torch.minimum(term[:q, lo - 1], term[:q, lo], out=term[:q, lo])
+            rest = torch.cat([torch.full_like(term[:q, :1], torch.inf), term[:q]], 1)  # lo = -1: no other token
+            either = torch.minimum(on_max[:q, None], rest)  # [k, lo + 1, m, c]
+            total = total + either.sum(0)
+            forced = (on_max[:q, None] - either).amin(0)  # the cheapest position to force to m
+            total = torch.where((maxima == t)[None, :, None], total, total + forced)
+        return total.transpose(0, 1) - UNDERFLOW_FLOOR * (1 + lead.abs().max())
+    # scores spread too far for one shift: logarithms, and a shift per cell
     # log |e^{S_k} lead_k|, each score moved by its error against its term (down if it helps, up if it hurts)
     log_term = (scores[t] - error)[:, :, None, None] + lead.abs().log()
     log_term = torch.where(sign < 0, log_term + 2 * error[:, :, None, None], log_term)
