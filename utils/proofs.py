@@ -187,6 +187,11 @@ def brute_force(model, n: int, from_circuits: bool = False, batch_size: int = 40
             "seconds": time.perf_counter() - start}
 
 
+def brute_force_accuracy(model, n: int) -> float:
+    """Share of all lists of length n on which the model's last position predicts the maximum."""
+    return brute_force(model, n)["accuracy"]
+
+
 # ------------------------------------------------------------------ the explanation as a replacement
 def logits_attention_on_max(model, lists: Tensor) -> Tensor:
     """The last position's logits [batch, vocab] of `lists` [batch, n] with its attention replaced:
@@ -222,7 +227,7 @@ def logits_with_replacements(model, lists: Tensor, attention: bool = False, ov: 
     logits = logits_from_circuits((scores, ov_table, direct_table), lists)
     if attention:
         is_max = (lists == lists.max(-1, keepdim=True).values).float()
-        pattern = is_max / is_max.sum(-1, keepdim=True)
+        pattern = (is_max / is_max.sum(-1, keepdim=True)).to(ov_table.dtype)
         k = torch.arange(lists.shape[1])
         logits = direct_table[lists[:, -1]] + torch.einsum("bk,bkc->bc", pattern, ov_table[k, lists])
     return logits
