@@ -2383,35 +2383,45 @@ def _cell_cases() -> list[Case]:
             ("on a fresh model, length 3, other tokens <= 25", (_fresh_model("max_of_list"), 3, 25))]
 
 
-def _attention(model, n: int, lo: int, own_key: bool = True, every_rival: bool = True, least: bool = True) -> Tensor:
+def _attention(model, n: int, lo: int, own_key: bool = True, every_rival: bool = True, least: bool = True,
+               phantom: bool = False) -> Tensor:
     """least_attention_on_max as a learner might compute it, with one slip or none."""
     scores = proofs.circuit_pieces(model, n)[0]
     vocab, q = scores.shape[0], n - 1
     t, m = torch.arange(vocab)[:, None], torch.arange(vocab)[None, :]
-    before = scores[:, :q].amin(1) if least else scores[:, :q].amax(1)
-    a = torch.where(t == m, scores[:, q].diagonal()[:, None], before)
-    best = scores[:, :q, : lo + 1].amax(-1)  # [t, k]
-    others = (best.exp().sum(-1) if every_rival else best.amax(-1).exp())[:, None]
-    own = torch.where(t == m, 0.0, scores[:, q].diagonal().exp()[:, None] if own_key else 0.0)
-    share = a.exp() / (a.exp() + others + own)
-    return torch.where((m > lo) & ((t == m) | (t <= lo)), share, torch.zeros(()))
+    best = scores[:, :q, : lo + 1].amax(-1)  # [t, k]: the largest rival score at each position
+    own = scores[:, q].diagonal()  # [t]
+    total = best.exp().sum(-1) if every_rival else best.amax(-1).exp()  # [t]
+    at_query = own.exp() / (own.exp() + total)  # [t]: t = m, every earlier position a rival
+    before = scores[:, :q]  # [t, j, m]: the maximum at position j
+    mine = best.exp()[:, :, None] if every_rival and not phantom else 0.0  # the rival the maximum displaces
+    others = total[:, None, None] - mine
+    others = others + (own.exp()[:, None, None] if own_key else 0)
+    share = before.exp() / (before.exp() + others)
+    share = share.amin(1) if least else share.amax(1)
+    out = torch.where(t == m, at_query[:, None], share)
+    return torch.where((m > lo) & ((t == m) | (t <= lo)), out, torch.zeros((), dtype=out.dtype))
 
 
 check_least_attention_on_max = exercise(
     "8.3", "the least attention on the maximum", proofs.least_attention_on_max, function="least_attention_on_max",
     cases=_cell_cases, atol=1e-5,
-    hint="the maximum's share is its weight over all the weights; it is least when the maximum's own score is "
-         "least and every other key's is largest, each position at its worst, the query's own key included when it "
-         "is not the maximum.",
+    hint="the maximum's share is its weight over all the weights; it is least with one copy of the maximum at its "
+         "worst position and the largest-scoring rival at every other position, the query's own key included when "
+         "it is not the maximum.",
     mistakes=(
+        Mistake("a rival counted at the maximum's own position",
+                "when the last token is not the maximum, the maximum sits at one of the earlier positions, and that "
+                "position cannot hold a rival too: the rivals fill the other positions only.",
+                lambda *args: _attention(*args, phantom=True)),
         Mistake("the query's own key left out of the denominator",
                 "the last position attends to itself too: when the last token is not the maximum, its key takes "
                 "a share.", lambda *args: _attention(*args, own_key=False)),
         Mistake("a single rival key instead of one per position",
                 "every position before the query can hold a rival, and each takes its own share.",
                 lambda *args: _attention(*args, every_rival=False)),
-        Mistake("the maximum's largest score, not its least",
-                "a bound must hold wherever the maximum sits: take the position where it scores least.",
+        Mistake("the maximum at its best position, not its worst",
+                "a bound must hold wherever the maximum sits: take the position where its share is least.",
                 lambda *args: _attention(*args, least=False)),
     ))
 
