@@ -1441,7 +1441,7 @@ def _terms(model, q: int, k: int, scale: bool = True, query_means: str = "query"
 
 
 check_qk_terms = exercise(
-    "4.2", "the terms of the score, shared part first", circuits.qk_score_terms, function="qk_terms",
+    "4.2", "the nine terms of the score", circuits.qk_score_terms, function="qk_terms",
     kind="implementation", cases=_positional_cases, atol=1e-4,
     hint="each side of the score is a shared part (the mean token embedding plus the mean positional embedding over "
          "the positions that side can hold) plus the token's and the position's differences from those means; "
