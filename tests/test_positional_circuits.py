@@ -38,15 +38,52 @@ def _scores_on_lists(model, lists: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bd,bkd->bk", q, k) / model.cfg.d_head ** 0.5
 
 
-def test_the_four_terms_add_up_to_the_positional_circuit_and_have_their_shapes(shipped):
-    for q, k in [(5, 2), (1, 1), (3, 0)]:
-        terms = circuits.qk_score_terms(shipped, q, k)
-        assert list(terms) == list(circuits.QK_TERMS)
-        assert torch.allclose(sum(terms.values()), circuits.full_qk_positional(shipped, q, k), atol=1e-4)
-        assert torch.equal(terms["token·pos"], terms["token·pos"][:, :1].expand(64, 64))  # constant along a row
-        assert torch.equal(terms["pos·token"], terms["pos·token"][:1].expand(64, 64))  # constant down a column
-        assert terms["pos·pos"].unique().numel() == 1
-        assert not torch.allclose(terms["token·pos"], terms["pos·token"])
+def _moved(model, vector):
+    """The same model with `vector` added to every token embedding and taken from every positional embedding."""
+    state = dict(model.state_dict())
+    state["embed.weight"] = state["embed.weight"] + vector
+    state["pos_embed.weight"] = state["pos_embed.weight"] - vector
+    return models.model_from_state(dict(models.spec("max_of_list").config), state)
+
+
+def test_the_nine_terms_add_up_to_the_positional_circuit_and_depend_on_what_their_names_say(noisy):
+    for q, k in [(5, 2), (1, 1), (3, 0), (0, 0)]:
+        terms = circuits.qk_score_terms(noisy, q, k)
+        assert list(terms) == list(circuits.QK_TERMS) and len(terms) == 9
+        assert torch.allclose(sum(terms.values()), circuits.full_qk_positional(noisy, q, k), atol=1e-4)
+        for name, term in terms.items():
+            query_part, key_part = name.split("·")
+            assert term.shape == (64, 64)
+            if key_part != "token":  # the same for every key token
+                assert torch.allclose(term, term[:, :1].expand(64, 64), atol=1e-5), name
+            if query_part != "token":  # the same for every query token
+                assert torch.allclose(term, term[:1].expand(64, 64), atol=1e-5), name
+        assert terms["token·token"].std(-1).mean() > 0 and terms["const·token"].std(-1).mean() > 0
+
+
+def test_the_parts_of_each_side_take_their_means_over_the_positions_that_side_can_hold(noisy):
+    query, key = circuits.residual_parts(noisy, 3, "query"), circuits.residual_parts(noisy, 3, "key")
+    assert torch.allclose(sum(query.values()), noisy.W_E + noisy.W_pos[3], atol=1e-6)
+    assert torch.allclose(sum(key.values()), noisy.W_E + noisy.W_pos[3], atol=1e-6)
+    assert torch.allclose(query["token"].mean(0), torch.zeros(32), atol=1e-6)
+    assert torch.allclose(sum(circuits.residual_parts(noisy, q, "query")["pos"][0] for q in range(1, 6)), torch.zeros(32), atol=1e-5)
+    assert torch.allclose(sum(circuits.residual_parts(noisy, k, "key")["pos"][0] for k in range(6)), torch.zeros(32), atol=1e-5)
+    with pytest.raises(ValueError):
+        circuits.residual_parts(noisy, 3, "value")
+
+
+def test_moving_a_vector_from_w_pos_to_w_e_changes_the_split_as_stored_but_not_the_nine_terms(shipped):
+    moved = _moved(shipped, shipped.W_pos[1:].mean(0))
+    lists = torch.randint(0, 64, (500, 6), generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(moved(lists), shipped(lists), atol=1e-3)
+    for q, k in [(5, 2), (1, 0)]:
+        for a, b in zip(circuits.qk_score_terms(moved, q, k).values(), circuits.qk_score_terms(shipped, q, k).values()):
+            assert torch.allclose(a, b, atol=1e-4)
+    before = circuits.uncentred_qk_score_terms(shipped, 1, 0)["pos·token"]
+    after = circuits.uncentred_qk_score_terms(moved, 1, 0)["pos·token"]
+    assert torch.allclose(sum(circuits.uncentred_qk_score_terms(moved, 1, 0).values()),
+                          circuits.full_qk_positional(moved, 1, 0), atol=1e-4)
+    assert not torch.allclose(before, after, atol=1e-2)
 
 
 def test_the_score_table_is_what_the_model_computes_on_lists(noisy):
@@ -61,14 +98,31 @@ def test_the_score_table_is_what_the_model_computes_on_lists(noisy):
 
 def test_ordering_by_term_sees_no_ordering_once_the_positions_are_gone(shipped):
     state = dict(shipped.state_dict())
-    key = next(k for k in state if "pos" in k and state[k].shape == shipped.W_pos.shape)
-    state[key] = torch.zeros_like(state[key])
+    state["pos_embed.weight"] = torch.zeros_like(state["pos_embed.weight"])
     flat = models.model_from_state(dict(models.spec("max_of_list").config), state)
     table = circuits.ordering_by_term(flat, 5, 2)
-    assert table["pos·token"] == (0.0, 0.0) and table["token·pos"] == (0.0, 0.0)
-    assert table["token·token"][0] == pytest.approx(circuits.fraction_ordered(circuits.full_qk_tokens(flat)))
+    assert all(table[name] == (0.0, 0.0) for name in circuits.QK_TERMS if "pos" in name)
+    terms = circuits.qk_score_terms(flat, 5, 2)  # without positions, the key-token terms are the token-only map
+    assert circuits.fraction_ordered(terms["const·token"] + terms["token·token"]) == pytest.approx(
+        circuits.fraction_ordered(circuits.full_qk_tokens(flat)), abs=1e-3)
     trained = circuits.ordering_by_term(shipped, 5, 2)
-    assert trained["pos·token"][0] == 1.0 and trained["pos·token"][1] > 2 * trained["token·token"][1]
+    assert trained["const·token"][0] == 1.0 and trained["const·token"][1] > 5 * trained["token·token"][1]
+
+
+def test_taking_a_part_out_of_the_queries_gives_the_pattern_computed_by_hand(noisy):
+    lists = torch.randint(0, 64, (300, 6), generator=torch.Generator().manual_seed(4))
+    logits, pattern = circuits.run_without_query_part(noisy, lists, None)
+    assert torch.allclose(logits, noisy(lists), atol=1e-5)
+    _, cache = noisy.run_with_cache(lists, names_filter=lambda name: name.endswith("hook_k"))
+    keys = cache["k", 0][:, :, 0]  # [batch, pos, d_head]
+    causal = torch.tril(torch.ones(6, 6, dtype=torch.bool))
+    for part in ("pos", "const"):
+        _, pattern = circuits.run_without_query_part(noisy, lists, part)
+        residual = noisy.W_E[lists] + noisy.W_pos
+        residual = residual - torch.stack([circuits.residual_parts(noisy, p, "query")[part][0] for p in range(6)])
+        scores = torch.einsum("bqd,bkd->bqk", residual @ noisy.W_Q[0, 0], keys) / noisy.cfg.d_head ** 0.5
+        expected = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+        assert torch.allclose(pattern, expected, atol=1e-5), part
 
 
 @pytest.mark.parametrize("n", [2, 3])

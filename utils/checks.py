@@ -1416,38 +1416,58 @@ check_positional_qk_circuit = exercise(
     ))
 
 
-def _terms(model, q: int, k: int, scale: bool = True, key_pos_on_query: bool = False,
-           swapped: bool = False) -> dict[str, Tensor]:
-    """The four QK terms as a learner might build them, with one slip or none."""
+def _terms(model, q: int, k: int, scale: bool = True, query_means: str = "query", key_means: str = "key",
+           centre_tokens: bool = True, centre: bool = True, key_pos_on_query: bool = False) -> dict[str, Tensor]:
+    """The nine QK terms as a learner might build them, with one slip or none.
+
+    `query_means` / `key_means` name the positions a side's positional mean runs over ("query": 1 .. n_ctx - 1,
+    "key" or "all": every position); without `centre` the embeddings are split as stored (no shared part).
+    """
     s = model.cfg.d_head ** 0.5 if scale else 1.0
-    e_q, e_k = model.W_E @ model.W_Q[0, 0], model.W_E @ model.W_K[0, 0]
-    p_q = model.W_pos[k if key_pos_on_query else q] @ model.W_Q[0, 0]
-    p_k = model.W_pos[k] @ model.W_K[0, 0]
     n = model.cfg.d_vocab
-    token_pos = (e_q @ p_k / s)[:, None].expand(n, n)
-    pos_token = (e_k @ p_q / s)[None, :].expand(n, n)
-    if swapped:
-        token_pos, pos_token = pos_token, token_pos
-    return {"token·token": e_q @ e_k.T / s, "token·pos": token_pos.clone(), "pos·token": pos_token.clone(),
-            "pos·pos": (p_q @ p_k / s).expand(n, n).clone()}
+
+    def parts(pos: int, means: str) -> dict[str, Tensor]:
+        if not centre:
+            zero = torch.zeros_like(model.W_E)
+            return {"const": zero, "token": model.W_E, "pos": model.W_pos[pos].expand(n, -1)}
+        mean_pos = (model.W_pos[1:] if means == "query" else model.W_pos).mean(0)
+        mean_token = model.W_E.mean(0) if centre_tokens else torch.zeros_like(mean_pos)
+        return {"const": (mean_token + mean_pos).expand(n, -1), "token": model.W_E - mean_token,
+                "pos": (model.W_pos[pos] - mean_pos).expand(n, -1)}
+
+    queries = {a: v @ model.W_Q[0, 0] for a, v in parts(k if key_pos_on_query else q, query_means).items()}
+    keys = {b: v @ model.W_K[0, 0] for b, v in parts(k, key_means).items()}
+    return {f"{a}·{b}": (queries[a] @ keys[b].T / s).clone() for a in queries for b in keys}
 
 
 check_qk_terms = exercise(
-    "4.2", "the four terms of the score", circuits.qk_score_terms, function="qk_terms",
+    "4.2", "the nine terms of the score", circuits.qk_score_terms, function="qk_terms",
     kind="implementation", cases=_positional_cases, atol=1e-4,
-    hint="each side of the score is a token part plus a position part; multiply the sum out into four products, "
-         "scale each as the head does, and spread each to a full query-token by key-token map.",
+    hint="each side of the score is a shared part (the mean token embedding plus the mean positional embedding over "
+         "the positions that side can hold) plus the token's and the position's differences from those means; "
+         "multiply the sum out into nine products, scale each as the head does, and spread each to a full map.",
     mistakes=(
         Mistake("the terms without the head's 1/sqrt(d_head) scale",
-                "the four terms must add up to the scaled score of Exercise 4.1, so each carries the scale.",
+                "the nine terms must add up to the scaled score of Exercise 4.1, so each carries the scale.",
                 lambda model, q, k: _terms(model, q, k, scale=False)),
+        Mistake("the embeddings split as stored, with no shared part taken out",
+                "a vector every query shares can sit in W_E or in W_pos without changing the model; take the means "
+                "out of both into the shared part, so the token and position parts hold only what differs.",
+                lambda model, q, k: _terms(model, q, k, centre=False)),
+        Mistake("the token embeddings left uncentred",
+                "the mean token embedding is shared by every query and every key as much as the positions' mean "
+                "is: it belongs in the shared part.",
+                lambda model, q, k: _terms(model, q, k, centre_tokens=False)),
+        Mistake("the query side's positional mean taken over position 0 too",
+                "a query at position 0 sees only itself and chooses nothing: the query side's mean runs over the "
+                "positions whose attention chooses between keys.",
+                lambda model, q, k: _terms(model, q, k, query_means="all")),
+        Mistake("the key side's positional mean taken over the query positions only",
+                "a key can sit at any position a list holds, position 0 included.",
+                lambda model, q, k: _terms(model, q, k, key_means="query")),
         Mistake("the key position's embedding on the query side",
-                "the query sits at query_pos: its position part is that position's embedding.",
+                "the query sits at query_pos: its position part comes from that position's embedding.",
                 lambda model, q, k: _terms(model, q, k, key_pos_on_query=True)),
-        Mistake("the two mixed terms swapped",
-                "name each term query side first: token·pos is the query token against the key's position, so it "
-                "changes from row to row and is the same along a row.",
-                lambda model, q, k: _terms(model, q, k, swapped=True)),
     ))
 
 

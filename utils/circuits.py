@@ -455,17 +455,52 @@ def composition_score(a: Tensor, b: Tensor) -> float:
 
 
 # --------------------------------------------------------------------- chapter 04: the positional QK worst case
-QK_TERMS = ("token·token", "token·pos", "pos·token", "pos·pos")
+QK_PARTS = ("const", "token", "pos")
+QK_TERMS = tuple(f"{a}·{b}" for a in QK_PARTS for b in QK_PARTS)
+
+
+def residual_parts(model, pos: int, side: str) -> dict[str, Tensor]:
+    """The residual stream at `pos`, W_E + W_pos[pos], split into a shared part and what differs, each [vocab, d_model].
+
+    "const" is what every residual stream on this side shares: the mean token embedding plus the mean
+    positional embedding over the positions the side can hold ("query": 1 .. n_ctx - 1, the positions
+    whose attention chooses between keys; "key": 0 .. n_ctx - 1, every position a key can sit at).
+    "token" is W_E minus its mean over tokens, "pos" is W_pos[pos] minus that positional mean (the same
+    in every row). The three add up to W_E + W_pos[pos]. Moving a vector from W_pos to W_E (which
+    changes no logit) changes none of them.
+    """
+    if side not in ("query", "key"):
+        raise ValueError(f"side must be 'query' or 'key', got {side!r}")
+    positions = model.W_pos[1:] if side == "query" else model.W_pos
+    mean_token, mean_pos = model.W_E.mean(0), positions.mean(0)
+    vocab = model.cfg.d_vocab
+    return {"const": (mean_token + mean_pos).expand(vocab, -1).clone(),
+            "token": model.W_E - mean_token,
+            "pos": (model.W_pos[pos] - mean_pos).expand(vocab, -1).clone()}
 
 
 def qk_score_terms(model, query_pos: int, key_pos: int, layer: int = 0, head: int = 0) -> dict[str, Tensor]:
-    """The four terms of the position-aware QK circuit, each [vocab (query token), vocab (key token)].
+    """The nine terms of the position-aware QK circuit, each [vocab (query token), vocab (key token)].
 
-    (W_E[a] + W_pos[q]) W_Q W_K^T (W_E[b] + W_pos[k])^T / sqrt(d_head) splits into
-    "token·token" W_E W_Q W_K^T W_E^T, "token·pos" W_E W_Q W_K^T W_pos[k] (the same in every column),
-    "pos·token" W_pos[q] W_Q W_K^T W_E^T (the same in every row) and "pos·pos" W_pos[q] W_Q W_K^T W_pos[k]
-    (one number), each spread out to the full [vocab, vocab] map and scaled by 1 / sqrt(d_head).
-    They add up to full_qk_positional(model, query_pos, key_pos).
+    Each side's residual stream is split by residual_parts into const + token + pos; the score
+    (W_E[a] + W_pos[q]) W_Q W_K^T (W_E[b] + W_pos[k])^T / sqrt(d_head) is then the sum of the nine
+    products "<query part>·<key part>" (QK_TERMS order), each spread to the full [vocab, vocab] map.
+    They add up to full_qk_positional(model, query_pos, key_pos). Only "·token" terms change along a
+    row (they can order the keys at one position); "·pos" terms shift whole key positions; "·const"
+    terms are the same for every key and cancel in the softmax.
+    """
+    scale = model.cfg.d_head**0.5
+    queries = {name: part @ model.W_Q[layer, head] for name, part in residual_parts(model, query_pos, "query").items()}
+    keys = {name: part @ model.W_K[layer, head] for name, part in residual_parts(model, key_pos, "key").items()}
+    return {f"{a}·{b}": queries[a] @ keys[b].T / scale for a in QK_PARTS for b in QK_PARTS}
+
+
+def uncentred_qk_score_terms(model, query_pos: int, key_pos: int, layer: int = 0, head: int = 0) -> dict[str, Tensor]:
+    """The four terms of the score split at the embeddings as stored, each [vocab (query token), vocab (key token)].
+
+    "token·token" W_E W_Q W_K^T W_E^T, "token·pos" W_E W_Q W_K^T W_pos[k]^T, "pos·token" W_pos[q] W_Q W_K^T W_E^T
+    and "pos·pos", scaled by 1 / sqrt(d_head). They add up to full_qk_positional too, but which term holds
+    what every query shares depends on how training happened to divide it between W_E and W_pos.
     """
     scale = model.cfg.d_head**0.5
     queries = {"token": model.W_E @ model.W_Q[layer, head], "pos": model.W_pos[query_pos][None] @ model.W_Q[layer, head]}
@@ -484,13 +519,42 @@ def key_spread(scores: Tensor) -> float:
 
 
 def ordering_by_term(model, query_pos: int, key_pos: int) -> dict[str, tuple[float, float]]:
-    """For each of the four QK terms (qk_score_terms) alone: (share of ordered key pairs, key spread).
+    """For each of the nine QK terms (qk_score_terms) alone: (share of ordered key pairs, key spread).
 
     The share is fraction_ordered of the term (strict wins of the larger key token over every
     smaller one, within each query token's row); the spread is key_spread, the std over key tokens.
     """
     return {name: (fraction_ordered(term), key_spread(term))
             for name, term in qk_score_terms(model, query_pos, key_pos).items()}
+
+
+def run_without_query_part(model, tokens: Tensor, part: str | None, layer: int = 0,
+                           head: int = 0) -> tuple[Tensor, Tensor]:
+    """Run `tokens` [batch, pos] with one part of every query taken out: (logits [batch, pos, vocab],
+    the head's pattern [batch, query_pos, key_pos]).
+
+    `part` names a part of residual_parts(model, pos, "query"): "pos" leaves every query at the shared
+    positional mean (what differs between query positions is gone), "const" takes the shared part out
+    of every query; None runs the model as it is. Keys, values and the direct path are untouched.
+    """
+    n = tokens.shape[1]
+    if part is None:
+        shift = torch.zeros(n, model.cfg.d_head)
+    else:
+        shift = torch.stack([-residual_parts(model, pos, "query")[part][0] for pos in range(n)]) @ model.W_Q[layer, head]
+    patterns = {}
+
+    def remove(q, hook):
+        q = q.clone()
+        q[:, :, head] += shift
+        return q
+
+    def keep(pattern, hook):
+        patterns["pattern"] = pattern[:, head]
+
+    logits = model.run_with_hooks(tokens, fwd_hooks=[(get_act_name("q", layer), remove),
+                                                     (get_act_name("pattern", layer), keep)])
+    return logits, patterns["pattern"]
 
 
 def qk_score_table(model, layer: int = 0, head: int = 0) -> Tensor:
