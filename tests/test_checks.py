@@ -863,7 +863,7 @@ def restore():
     yield replace
     for owner, name, value in reversed(undo):
         owner.__setitem__(name, value) if isinstance(owner, dict) else setattr(owner, name, value)
-    checks._STATE["untrusted"] = None
+    checks.guard._STATE["untrusted"] = None
 
 
 def _ov_right(model):
@@ -885,12 +885,16 @@ def _positional_from_tokens(model, q, k):
     return shifted_q @ model.W_Q[0, 0] @ model.W_K[0, 0].T @ shifted_k.T / model.cfg.d_head ** 0.5 + 0 * _circuits.full_qk_tokens(model)
 
 
-@pytest.mark.parametrize("target", ["compare_tensors", "check_copying_score", "CheckFailed"])
-def test_a_function_that_rebinds_the_checks_fails_and_so_does_every_later_check(restore, target):
+@pytest.mark.parametrize("owner, target", [("engine", "compare_tensors"), ("package", "check_copying_score"),
+                                           ("package", "CheckFailed"), ("engine", "CheckFailed"),
+                                           ("guard", "verify_untouched"), ("guard", "_guarded_objects"),
+                                           ("guard", "run_watched"), ("engine", "call_learner")])
+def test_a_function_that_rebinds_the_checks_fails_and_so_does_every_later_check(restore, owner, target):
     fake = (lambda *a, **k: None) if target != "CheckFailed" else type("Quiet", (Exception,), {})
+    module = checks if owner == "package" else getattr(checks, owner)
 
     def sneaky(model):
-        restore(checks, target, fake)
+        restore(module, target, fake)
         return _ov_right(model) * 2  # wrong, so only a replaced checker would pass it
 
     with pytest.raises(Exception) as excinfo:  # with CheckFailed replaced, the failure is raised as the fake
@@ -917,7 +921,7 @@ def test_the_notebooks_names_for_the_checks_are_guarded(restore):
 
 def test_after_tampering_every_check_fails_until_the_kernel_restarts(restore):
     def sneaky(model):
-        restore(checks, "passed", lambda exercise: None)
+        restore(checks.engine, "passed", lambda exercise: None)
         return _ov_right(model)
 
     _fails("full_ov_circuit", sneaky)
@@ -971,3 +975,84 @@ def test_every_exercise_has_one_spec():
         assert spec.check is getattr(checks, f"check_{spec.function}")
         assert spec.label == f"Exercise {number} ({spec.function})"
         assert all(callable(ref) and ref.__module__.startswith("utils.") for ref in spec.references)
+
+
+# ------------------------------------------------------------------ (f) the answer is out of the learner's reach
+def _values_in(obj, found: list, depth: int = 3) -> None:
+    """Every tensor and float in `obj`, looking `depth` levels into containers, objects' attributes and closures."""
+    if isinstance(obj, torch.Tensor):
+        found.append(obj)
+    elif isinstance(obj, float):
+        found.append(obj)
+    elif depth and isinstance(obj, (list, tuple, set, frozenset)):
+        for item in obj:
+            _values_in(item, found, depth - 1)
+    elif depth and isinstance(obj, dict):
+        for item in list(obj.values()):
+            _values_in(item, found, depth - 1)
+    elif depth and isinstance(obj, types.FunctionType):
+        for cell in obj.__closure__ or ():
+            try:
+                _values_in(cell.cell_contents, found, depth - 1)
+            except ValueError:  # an empty cell
+                pass
+    elif depth and hasattr(obj, "__dict__") and not isinstance(obj, (type, types.ModuleType, torch.nn.Module)):
+        _values_in(vars(obj), found, depth - 1)
+
+
+def _everything_a_learner_can_reach(every_live_tensor: bool) -> list:
+    """What a function could read while a checker runs it: every frame above it, the checkers' modules, live tensors."""
+    import gc
+    import sys
+    import warnings
+
+    found: list = []
+    frame = sys._getframe(2)
+    while frame is not None:
+        _values_in(frame.f_locals, found)
+        frame = frame.f_back
+    for name, module in list(sys.modules.items()):
+        if name.startswith("utils.checks"):
+            _values_in(vars(module), found)
+    if every_live_tensor:
+        with warnings.catch_warnings():  # isinstance on some of torch's deprecated objects warns
+            warnings.simplefilter("ignore")
+            found += [obj for obj in gc.get_objects() if type(obj) in (torch.Tensor, torch.nn.Parameter)]
+    return found
+
+
+def _parts(result, depth: int = 3) -> list:
+    parts: list = []
+    _values_in(result, parts, depth)
+    return [p for p in parts if isinstance(p, torch.Tensor) and p.numel() > 1
+            or isinstance(p, float) and p not in (0.0, 1.0) and not math.isnan(p)]
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.detach(), b.detach())
+    return isinstance(a, float) and isinstance(b, float) and a == b
+
+
+@pytest.mark.parametrize("check_name", list(CHECKS))
+def test_the_learners_function_cannot_find_the_expected_answer(check_name):
+    """A function that searches the stack, the checkers' modules and every live tensor for the answer finds nothing.
+
+    It looks first, then computes the right answer itself (so the check passes) and records any
+    reachable object equal to that answer: the checker must not hold the answer yet.
+    """
+    check, reference, _ = CHECKS[check_name]
+    leaks: list[str] = []
+    calls: list[tuple] = []  # every live tensor is scanned at the first call only (it takes a while)
+
+    def searcher(*args):
+        calls.append(args)
+        reachable = _everything_a_learner_can_reach(every_live_tensor=len(calls) == 1)
+        inputs = _parts(args, depth=5)  # (an answer equal to an input, like a copied weight, gives nothing away)
+        result = reference(*args)
+        leaks.extend(f"{type(part).__name__} {tuple(getattr(part, 'shape', ()))}" for part in _parts(result)
+                     if any(_same(part, seen) for seen in reachable) and not any(_same(part, x) for x in inputs))
+        return result
+
+    check(searcher)
+    assert not leaks, f"{check_name}: the answer was reachable while the learner's function ran: {leaks[:3]}"

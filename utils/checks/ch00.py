@@ -1,0 +1,225 @@
+"""The checkers of chapter 00: tour."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from utils import circuits, fourier, models, proofs, tasks, train
+from utils.checks.engine import (Attempt, Case, CheckFailed, Mistake, call_learner, check_case, compare,
+                                 compare_float, compare_tensors, copies, diagnosis, exercise, matches, passed)
+from utils.checks.fixtures import (fresh_model, noisy_addition, noisy_model, random_causal_pattern,
+                                   random_models, smooth_curves)
+from utils.tasks import IGNORE
+
+def _component_sum(model, cache, pos_embed: bool = True, mlp: bool = True, layers: int | None = None) -> Tensor:
+    resid = cache["hook_embed"] + (cache["hook_pos_embed"] if pos_embed else 0)
+    for layer in range(model.cfg.n_layers if layers is None else layers):
+        resid = resid + cache[f"blocks.{layer}.hook_attn_out"]
+        if mlp and not model.cfg.attn_only:
+            resid = resid + cache[f"blocks.{layer}.hook_mlp_out"]
+    return resid
+
+
+def _cached_runs() -> list[Case]:
+    """A fresh attention-only model and a fresh model with an MLP (non-zero biases), each with a cache of random tokens."""
+    out = []
+    for name, model in random_models():
+        _, cache = model.run_with_cache(torch.randint(0, model.cfg.d_vocab, (4, model.cfg.n_ctx)))
+        out.append((f"on a fresh {name} model", (model, cache)))
+    return out
+
+
+check_residual_from_components = exercise(
+    "0.1", "the residual stream is a sum", circuits.residual_from_components, function="residual_from_components",
+    kind="analysis", cases=_cached_runs, atol=1e-4,
+    hint="the stream starts as the token embedding plus the positional embedding, and every attention layer and "
+         "every MLP adds its output to it; nothing else touches it.",
+    mistakes=(
+        Mistake("the sum without the positional embedding",
+                "the stream starts as the token embedding plus the positional embedding of its position.",
+                lambda model, cache: _component_sum(model, cache, pos_embed=False)),
+        Mistake("the sum without the MLP outputs",
+                "in a model with MLPs, each MLP adds its output to the stream too (the check uses the addition model).",
+                lambda model, cache: _component_sum(model, cache, mlp=False)),
+        Mistake("the stream before the last layer (resid_pre)",
+                "the last layer's outputs belong in the final stream as well.",
+                lambda model, cache: _component_sum(model, cache, layers=model.cfg.n_layers - 1)),
+    ))
+
+
+def _scaled_scores(q: Tensor, k: Tensor, scale: bool = True) -> Tensor:
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k)
+    return scores / math.sqrt(q.shape[-1]) if scale else scores
+
+
+def _masked(scores: Tensor) -> Tensor:
+    n = scores.shape[-1]
+    return scores.masked_fill(torch.triu(torch.ones(n, n, dtype=torch.bool), 1), -torch.inf)
+
+
+def _queries_and_keys() -> list[Case]:
+    return [(f"on random q, k of shape {shape}", (torch.randn(*shape), torch.randn(*shape)))
+            for shape in [(3, 6, 1, 32), (2, 5, 3, 8)]]
+
+
+check_attention_pattern = exercise(
+    "0.2", "an attention pattern from queries and keys", circuits.attention_pattern, function="attention_pattern",
+    kind="implementation", cases=_queries_and_keys, atol=1e-5,
+    hint="score every (query, key) pair by a dot product over d_head, scale it, hide the keys after the query, "
+         "and normalise each query's row over the keys.",
+    mistakes=(
+        Mistake("the scores without the 1/sqrt(d_head) scale",
+                "the head divides every query-key dot product by the square root of d_head before the softmax.",
+                lambda q, k: _masked(_scaled_scores(q, k, scale=False)).softmax(-1)),
+        Mistake("a pattern without the causal mask",
+                "a query may not look at keys after it: those must get weight exactly 0.",
+                lambda q, k: _scaled_scores(q, k).softmax(-1)),
+        Mistake("a softmax over the query axis",
+                "each query's weights over the keys must sum to 1, so normalise along the key axis.",
+                lambda q, k: _masked(_scaled_scores(q, k)).softmax(-2)),
+    ))
+
+
+def _max_of_list_runs(two_layers: bool = False) -> list[Case]:
+    """The shipped max_of_list model with noise on its weights (and, with `two_layers`, a two-layer model whose
+    blocks are both noisy copies of the trained one), each with 2,000 fresh random lists."""
+    trained, config = models.load_model("max_of_list"), models.spec("max_of_list").config
+    noised = noisy_model("max_of_list", 0.05)
+    lists = torch.randint(0, trained.cfg.d_vocab, (2000, trained.cfg.n_ctx))
+    cases = [("on the shipped max_of_list model with noise on its weights", (noised, lists))]
+    if two_layers:
+        state = dict(noised.state_dict())
+        state.update({key.replace("blocks.0.", "blocks.1."): w + 0.02 * torch.randn_like(w)
+                      for key, w in trained.state_dict().items() if key.startswith("blocks.0.")})
+        deeper = models.model_from_state(dict(config, n_layers=2), state)
+        cases.append(("on a two-layer model made of two noisy copies of the trained block", (deeper, lists)))
+    return cases
+
+
+def _last_row(model, lists: Tensor) -> Tensor:
+    _, cache = model.run_with_cache(lists, names_filter="blocks.0.attn.hook_pattern")
+    return cache["blocks.0.attn.hook_pattern"][:, 0, -1, :]
+
+
+def _share(hits: Tensor) -> float:
+    return hits.float().mean().item()
+
+
+check_fraction_attending_to_max = exercise(
+    "0.3", "how often does the head attend to the maximum?", circuits.fraction_attending_to_max,
+    function="fraction_attending_to_max", kind="analysis", cases=lambda: _max_of_list_runs(), atol=1e-6,
+    hint="read the last query's row of the pattern from a cache, find the key position it weights most, and ask "
+         "whether the token sitting there equals the list's maximum; return the share of lists as a float.",
+    mistakes=(
+        Mistake("the argmax over the query axis",
+                "a row of the pattern is one query; its entries are the keys it looks at, so pick among the keys.",
+                lambda model, lists: _share(lists[:, -1] == lists.max(-1).values)),
+        Mistake("the attended position compared with the maximum",
+                "the argmax gives a position; the question is about the token at that position.",
+                lambda model, lists: _share(_last_row(model, lists).argmax(-1) == lists.max(-1).values)),
+        Mistake("the first position's row instead of the last",
+                "the first position sees only itself; the last one sees the whole list.",
+                lambda model, lists: _share(lists[:, 0] == lists.max(-1).values)),
+    ))
+
+
+def _accuracy_with_pattern(model, lists: Tensor, hook: Callable, last_only: bool = True) -> float:
+    logits = model.run_with_hooks(lists, fwd_hooks=[("blocks.0.attn.hook_pattern", hook)])
+    if last_only:
+        return _share(logits[:, -1].argmax(-1) == lists.max(-1).values)
+    return _share(logits[:, 1:].argmax(-1) == lists.cummax(-1).values[:, 1:])
+
+
+def _visible_uniform(pattern: Tensor, hook=None) -> Tensor:
+    n = pattern.shape[-1]
+    weights = torch.ones(n, n).tril()
+    return (weights / weights.sum(-1, keepdim=True)).expand_as(pattern)
+
+
+check_uniform_attention_accuracy = exercise(
+    "0.4", "ablate the attention pattern", circuits.uniform_attention_accuracy, circuits.uniform_causal_pattern,
+    function="uniform_attention_accuracy", kind="analysis", cases=lambda: _max_of_list_runs(two_layers=True),
+    atol=1e-6,
+    hint="hook layer 0's attention pattern and return a replacement in which every query weighs the positions it "
+         "can see equally; then score the last position's prediction against each list's maximum.",
+    mistakes=(
+        Mistake("uniform attention over all positions, future ones included",
+                "a query may only see keys at or before it: the future ones must keep weight 0 (in a one-layer "
+                "model only the earlier rows change, which the second model of the check reads).",
+                lambda model, lists: _accuracy_with_pattern(model, lists, lambda p, hook: torch.full_like(p, 1 / p.shape[-1]))),
+        Mistake("the accuracy over every position instead of the last",
+                "the question is the last position, which has seen the whole list.",
+                lambda model, lists: _accuracy_with_pattern(model, lists, _visible_uniform, last_only=False)),
+        Mistake("a hook that does not return the new pattern",
+                "the forward pass uses what the hook returns; a hook that returns nothing leaves the pattern as it was.",
+                lambda model, lists: _accuracy_with_pattern(model, lists, lambda p, hook: None)),
+    ))
+
+
+def _rotated(state: dict, R: Tensor, first: Callable = lambda w, R: R.T @ w, skip: tuple[str, ...] = ()) -> dict:
+    out = {}
+    for key, w in state.items():
+        if key in skip or key.endswith(tuple("." + s for s in skip)):
+            out[key] = w.clone()
+        elif key.endswith(models._D_MODEL_FIRST):
+            out[key] = first(w, R)
+        elif key.endswith(models._D_MODEL_LAST) or key.endswith(models._STREAM_BIASES):
+            out[key] = w @ R
+        else:
+            out[key] = w.clone()
+    return out
+
+
+_ROTATE_MISTAKES = (
+    Mistake("R where R.T belongs on the weights whose first axis is d_model",
+            "those weights write x into the stream, and the stream's new coordinates are x times R, so they need the "
+            "transpose that undoes it on their other side.",
+            lambda state, R: _rotated(state, R, first=lambda w, R: R @ w)),
+    Mistake("the stream biases left unrotated",
+            "attn.o.bias and mlp.out.bias are added to the stream, so they are residual vectors and rotate like one.",
+            lambda state, R: _rotated(state, R, skip=models._STREAM_BIASES)),
+    Mistake("the embeddings left unrotated",
+            "the embeddings write the stream's first vector (they are not readers), and that vector must come out "
+            "rotated too.",
+            lambda state, R: _rotated(state, R, skip=("embed.weight", "pos_embed.weight"))),
+)
+
+
+@exercise("0.5", "rotate the residual stream", models.rotate_residual_stream, kind="implementation",
+          hint="every weight whose last axis is d_model is multiplied by R on that side, every weight whose first "
+               "axis is d_model by R.T on that side, the stream biases rotate like residual vectors, the rest is "
+               "copied.", mistakes=_ROTATE_MISTAKES)
+def check_rotate_residual_stream(fn: Callable, ex: Attempt) -> None:
+    for name, model in random_models():
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        R = torch.linalg.qr(torch.randn(model.cfg.d_model, model.cfg.d_model))[0]
+        on = ex.at(f"on the {name} model")
+        got = call_learner(fn, on, *copies((state, R)))
+        if not isinstance(got, dict) or set(got) != set(state):
+            got_keys = sorted(got) if isinstance(got, dict) else type(got).__name__
+            raise CheckFailed(f"{on}: expected a dict with the same keys as the state dict ({len(state)} keys), "
+                              f"got {got_keys}. Hint: return a new entry for every key, rotated or copied.")
+        expected = models.rotate_residual_stream(*copies((state, R)))
+        for key in state:
+            if key.endswith(models._D_MODEL_FIRST):
+                hint = f"{key} writes to the stream (d_model is its first axis): use R.T @ W."
+            elif key.endswith(models._STREAM_BIASES):
+                hint = f"{key} is added to the stream, so it rotates like a residual vector: b @ R."
+            elif key.endswith(models._D_MODEL_LAST):
+                hint = f"{key} has d_model as its last axis: use W @ R."
+            else:
+                hint = f"{key} does not touch the residual stream: copy it unchanged."
+            if matches(got[key], expected[key]):
+                continue
+            named = diagnosis({k: got[k] for k in state}, on, (state, R), 1e-5, 1e-4)
+            if named:
+                raise CheckFailed(f"{on}: entry {key!r} is not what the rotation gives. {named}")
+            compare_tensors(got[key], expected[key], on.at("", advice=hint), atol=1e-5, what=f"entry {key!r}")
+    passed(ex)
+
+

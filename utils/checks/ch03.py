@@ -1,0 +1,245 @@
+"""The checkers of chapter 03: QK and OV circuits."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from utils import circuits, fourier, models, proofs, tasks, train
+from utils.checks.engine import (Attempt, Case, CheckFailed, Mistake, call_learner, check_case, compare,
+                                 compare_float, compare_tensors, copies, diagnosis, exercise, matches, passed)
+from utils.checks.fixtures import (fresh_model, noisy_addition, noisy_model, random_causal_pattern,
+                                   random_models, smooth_curves)
+from utils.tasks import IGNORE
+
+
+
+def _max_of_list_model() -> list[Case]:
+    """One freshly initialised max_of_list model: the only input of the exercises on its circuits."""
+    return [("on a freshly initialised max_of_list model", (fresh_model("max_of_list"),))]
+
+
+def _token_qk(model, scale: bool = True) -> Tensor:
+    scores = model.W_E @ model.W_Q[0, 0] @ model.W_K[0, 0].T @ model.W_E.T
+    return scores / model.cfg.d_head ** 0.5 if scale else scores
+
+
+check_token_qk_circuit = exercise(
+    "3.1", "the token-only QK circuit", circuits.full_qk_tokens, function="token_qk_circuit",
+    kind="implementation", cases=_max_of_list_model, atol=1e-4,
+    hint="a query token is read by W_Q and a key token by W_K, each after its embedding; the head scales their "
+         "dot product before the softmax.",
+    mistakes=(
+        Mistake("the map transposed (rows are key tokens)",
+                "row q must hold the scores query token q gives every key token, so the query's side comes first.",
+                lambda model: _token_qk(model).T),
+        Mistake("the score without the head's 1/sqrt(d_head) scale",
+                "the head divides every query-key dot product by the square root of d_head before the softmax.",
+                lambda model: _token_qk(model, scale=False)),
+        Mistake("W_Q and W_K without the embedding",
+                "the map is from tokens to tokens, so each side starts from the token embedding.",
+                lambda model: model.W_Q[0, 0] @ model.W_K[0, 0].T / model.cfg.d_head ** 0.5),
+    ))
+
+
+@exercise("3.2", "the full OV circuit", circuits.full_ov, kind="implementation",
+          hint="follow an attended token through the head: its embedding, then the value and output weights, then "
+               "the unembedding; rows are attended tokens, columns output logits, and the result is a plain tensor.",
+          mistakes=(
+              Mistake("the map transposed (rows are output logits)",
+                      "row a must be what attending to token a adds to every logit, so the embedding comes first.",
+                      lambda model: (model.W_E @ model.W_V[0, 0] @ model.W_O[0, 0] @ model.W_U).T),
+              Mistake("the unembedding on the wrong side",
+                      "the residual stream is read out into logits at the end of the product, not at its start.",
+                      lambda model: model.W_U.T @ model.W_V[0, 0] @ model.W_O[0, 0] @ model.W_E.T),
+              Mistake("W_O before W_V",
+                      "the head first reads a value from the attended position, then writes it back with the output "
+                      "weights: W_V acts before W_O.",
+                      lambda model: model.W_E @ model.W_O[0, 0] @ model.W_V[0, 0] @ model.W_U),
+              Mistake("the circuit without W_O",
+                      "the value vectors live in the head's own space; the output weights write them to the "
+                      "residual stream before W_U can read them.",
+                      lambda model: model.W_E @ model.W_V[0, 0] @ model.W_U),
+          ))
+def check_full_ov_circuit(fn: Callable, ex: Attempt) -> None:
+    # the reference returns a FactoredMatrix, the learner a tensor: compare with its product
+    check_case(fn, ex, (fresh_model("max_of_list"),), reference=lambda model: circuits.full_ov(model).AB, atol=1e-4)
+    passed(ex)
+
+
+def _copying_cases() -> list[Case]:
+    # in this order each named mistake is first caught on a case where it gives its own value
+    matrices = [("the identity", torch.eye(6)), ("a rotation by 90°", torch.tensor([[0.0, -1.0], [1.0, 0.0]])),
+                ("minus the identity", -torch.eye(6)), ("a random 10 x 10 matrix", torch.randn(10, 10)),
+                ("a random matrix plus 3 I", torch.randn(10, 10) + 3 * torch.eye(10))]
+    return [(f"on {where}", (matrix,)) for where, matrix in matrices]
+
+
+check_copying_score = exercise(
+    "3.3", "the eigenvalue copying score", circuits.copying_score, function="copying_score",
+    kind="implementation", cases=_copying_cases, atol=1e-4,
+    hint="eigenvalues of a real matrix come in complex pairs: add them all up (the sum is real, it is the trace), "
+         "divide by the total of their sizes, and return a Python float.",
+    mistakes=(
+        Mistake("the size of the sum of the eigenvalues, not its real value",
+                "a head that flips every logit must score -1: keep the sign of the sum, and take sizes only in "
+                "the denominator.",
+                lambda m: (torch.linalg.eigvals(m).sum().abs() / torch.linalg.eigvals(m).abs().sum()).item()),
+        Mistake("singular values in place of eigenvalues",
+                "singular values are never negative, so they cannot tell copying from flipping or rotating; the "
+                "score needs the eigenvalues, which keep direction.",
+                lambda m: (torch.linalg.svdvals(m).sum() / torch.linalg.svdvals(m).sum()).item()),
+        Mistake("the trace over the Frobenius norm",
+                "the numerator is right (the trace is the sum of the eigenvalues), but the denominator is the sum "
+                "of the eigenvalues' sizes, not a norm of the entries.",
+                lambda m: (m.trace() / m.norm()).item()),
+    ))
+
+
+def _ordering_cases() -> list[Case]:
+    maps = [("an increasing map", torch.arange(5.0).repeat(3, 1)), ("a decreasing map", -torch.arange(5.0).repeat(3, 1)),
+            ("a random 7 x 9 map", torch.randn(7, 9)), ("a map with ties", torch.tensor([[0.0, 1.0, 1.0], [2.0, 0.0, 3.0]])),
+            ("the token-only QK map of a fresh model", _token_qk(fresh_model("max_of_list")).detach())]
+    return [(f"on {where}", (scores,)) for where, scores in maps]
+
+
+def _pairs_share(scores: Tensor, wins: Tensor, diagonal: int = 1) -> float:
+    n = scores.shape[-1]
+    return wins[:, torch.triu(torch.ones(n, n, dtype=torch.bool), diagonal=diagonal)].float().mean().item()
+
+
+check_fraction_ordered = exercise(
+    "3.4", "is a larger key always preferred?", circuits.fraction_ordered, function="fraction_ordered",
+    cases=_ordering_cases, atol=1e-6,
+    hint="compare every pair of columns b < c within each row, count the pairs where the later column scores "
+         "strictly more, and divide by the number of comparisons (rows times pairs).",
+    mistakes=(
+        Mistake("ties counted as ordered",
+                "a key that only matches a smaller key's score is not preferred to it: count strict wins only.",
+                lambda s: _pairs_share(s, s[:, None, :] >= s[:, :, None])),
+        Mistake("each key compared with itself too",
+                "a key never beats itself, so the pairs b = c only dilute the share: take b < c.",
+                lambda s: _pairs_share(s, s[:, None, :] > s[:, :, None], diagonal=0)),
+        Mistake("the map read by columns",
+                "rows are query tokens and the comparisons run along a row, between key tokens.",
+                lambda s: _pairs_share(s.T, s.T[:, None, :] > s.T[:, :, None])),
+        Mistake("neighbouring keys only",
+                "the question is about every pair b < c, not only c = b + 1: a row can rise step by step and "
+                "still rank far-apart keys wrongly, and the other way round.",
+                lambda s: (s[:, 1:] > s[:, :-1]).float().mean().item()),
+    ))
+
+
+def _agreement_cases() -> list[Case]:
+    fresh = fresh_model("max_of_list")
+    with torch.no_grad():
+        fresh.W_Q.mul_(8.0)  # a sharper pattern than at initialisation, so the model's choice is not a coin toss
+    lists = [torch.randint(0, 64, (600, 6)), torch.randint(0, 64, (600, 6)), torch.randint(0, 16, (600, 5))]
+    return [("on a freshly initialised model", (fresh, lists[0])),
+            ("on the shipped checkpoint with noise on its weights", (noisy_model("max_of_list", 0.1), lists[1])),
+            ("on the noisy checkpoint, lists of 5 tokens below 16", (noisy_model("max_of_list", 0.3), lists[2]))]
+
+
+def _last_row_choice(model, lists: Tensor) -> Tensor:
+    _, cache = model.run_with_cache(lists, names_filter="blocks.0.attn.hook_pattern")
+    return cache["pattern", 0][:, 0, -1].argmax(-1)
+
+
+def _token_choice(model, lists: Tensor, query: Tensor, transposed: bool = False) -> Tensor:
+    qk = _token_qk(model)
+    return (qk.T if transposed else qk)[query, lists].argmax(-1)
+
+
+def _same_token(lists: Tensor, i: Tensor, j: Tensor) -> float:
+    return (lists.gather(1, i[:, None]) == lists.gather(1, j[:, None])).float().mean().item()
+
+
+check_token_only_agreement = exercise(
+    "3.5", "the token-only choice against the model's", circuits.token_only_agreement,
+    function="token_only_agreement", cases=_agreement_cases, atol=1e-6,
+    hint="two choices per list: the key whose token the token-only map scores highest for the last position's "
+         "token, and the key the model's own attention pattern weighs most from the last position; count the "
+         "lists on which both hold the same token.",
+    mistakes=(
+        Mistake("the first position taken as the query",
+                "the model predicts the maximum at the last position, so the query token is the list's last one.",
+                lambda model, lists: _same_token(lists, _token_choice(model, lists, lists[:, :1]),
+                                                 _last_row_choice(model, lists))),
+        Mistake("the token-only map read with query and key swapped",
+                "rows of the map are query tokens, columns key tokens: index the row by the query.",
+                lambda model, lists: _same_token(lists, _token_choice(model, lists, lists[:, -1:], transposed=True),
+                                                 _last_row_choice(model, lists))),
+        Mistake("the token-only choice compared with the list's maximum",
+                "the question is whether the map explains the model's choice (its attention pattern), not whether "
+                "it solves the task.",
+                lambda model, lists: (lists.gather(1, _token_choice(model, lists, lists[:, -1:])[:, None])[:, 0]
+                                      == lists.max(-1).values).float().mean().item()),
+        Mistake("positions compared instead of tokens",
+                "the token-only map cannot tell two copies of a token apart; when a list repeats a token, either "
+                "copy is the same key token.",
+                lambda model, lists: (_token_choice(model, lists, lists[:, -1:])
+                                      == _last_row_choice(model, lists)).float().mean().item()),
+    ))
+
+
+def _mix_cases() -> list[Case]:
+    model = noisy_model("max_of_list", 0.1)
+    a, b = torch.randint(0, 64, (64, 6)), torch.randint(0, 64, (64, 6))
+    fresh = fresh_model("max_of_list")
+    with torch.no_grad():
+        fresh.W_pos.mul_(20.0)  # a fresh W_pos is tiny: scale it so that it shows
+        fresh.W_Q.mul_(8.0)
+    c, d = torch.randint(0, 64, (64, 6)), torch.randint(0, 64, (64, 6))
+    return [("on a noisy checkpoint with alpha = 0.3, beta = 0.7", (model, a, b, 0.3, 0.7)),
+            ("on a noisy checkpoint with alpha = 2, beta = -0.5", (model, a, b, 2.0, -0.5)),
+            ("on a fresh model with alpha = 1.5, beta = 0.5", (fresh, c, d, 1.5, 0.5))]
+
+
+def _mix_logits(model, a, b, alpha, beta, freeze: tuple = ("mix", "a", "b"), scale_pos: bool = False):
+    """(logits of the mix, of a, of b), each with a's pattern frozen where `freeze` says so."""
+    _, cache = model.run_with_cache(a, names_filter="blocks.0.attn.hook_pattern")
+    frozen = [("blocks.0.attn.hook_pattern", lambda pattern, hook: cache["pattern", 0])]
+    mix = alpha * model.W_E[a] + beta * model.W_E[b]
+    hooks = [("hook_embed", lambda embed, hook: mix)]
+    if scale_pos:
+        hooks.append(("hook_pos_embed", lambda pos, hook: (alpha + beta) * pos))
+    mixed = model.run_with_hooks(a, fwd_hooks=hooks + (frozen if "mix" in freeze else []))
+    logits_a = model.run_with_hooks(a, fwd_hooks=frozen if "a" in freeze else [])
+    logits_b = model.run_with_hooks(b, fwd_hooks=frozen if "b" in freeze else [])
+    return mixed, alpha * logits_a + beta * logits_b
+
+
+def _mix_gap(*args, reduce: str = "max", **kwargs) -> float:
+    mixed, combined = _mix_logits(*args, **kwargs)
+    gap = (mixed - combined).abs()
+    return (gap.max() if reduce == "max" else gap.mean()).item()
+
+
+check_frozen_mix_gap = exercise(
+    "3.6", "affine, not linear", circuits.frozen_mix_gap, function="frozen_mix_gap", cases=_mix_cases, atol=1e-3,
+    hint="three runs, all with the attention pattern of a held fixed: one on the mixed token embeddings (replace "
+         "what the embedding hook gives), one on a, one on b; return the largest absolute difference between the "
+         "first and the same mix of the other two.",
+    mistakes=(
+        Mistake("the mixed input run with its own attention pattern",
+                "the claim is about the model with its pattern frozen: the run on the mix must use a's pattern too.",
+                lambda *args: _mix_gap(*args, freeze=("a", "b"))),
+        Mistake("b's logits taken with b's own pattern",
+                "all three runs share one frozen pattern (a's); with b's own the comparison mixes two different "
+                "linear maps.",
+                lambda *args: _mix_gap(*args, freeze=("mix", "a"))),
+        Mistake("the whole residual stream mixed (W_pos scaled by alpha + beta as well)",
+                "the test is about the token embeddings: the positional embedding stays as the model adds it, "
+                "once, whatever the coefficients.",
+                lambda *args: _mix_gap(*args, scale_pos=True)),
+        Mistake("the mean deviation, not the largest",
+                "a test of an identity looks for the worst entry: take the largest absolute difference over the "
+                "batch, the positions and the logits.",
+                lambda *args: _mix_gap(*args, reduce="mean")),
+    ))
+
+

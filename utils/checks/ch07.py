@@ -1,0 +1,230 @@
+"""The checkers of chapter 07: paths through the residual stream."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from utils import circuits, fourier, models, proofs, tasks, train
+from utils.checks.engine import (Attempt, Case, CheckFailed, Mistake, call_learner, check_case, compare,
+                                 compare_float, compare_tensors, copies, diagnosis, exercise, matches, passed)
+from utils.checks.fixtures import (fresh_model, noisy_addition, noisy_model, random_causal_pattern,
+                                   random_models, smooth_curves)
+from utils.tasks import IGNORE
+
+def _one_layer_cases() -> list[Case]:
+    fresh = fresh_model("max_of_list")
+    with torch.no_grad():
+        fresh.W_pos.mul_(20.0)  # a fresh W_pos is tiny: scale it so that forgetting it shows
+    n = fresh.cfg.n_ctx
+    return [("on a fresh max_of_list model and a random pattern",
+             (fresh, torch.randint(0, 64, (5, n)), random_causal_pattern(5, 1, n))),
+            ("on the noisy checkpoint and a random pattern",
+             (noisy_model("max_of_list", 0.1), torch.randint(0, 64, (7, n)), random_causal_pattern(7, 1, n)))]
+
+
+def _paths(model, tokens: Tensor, pattern: Tensor, positions: bool = True, transposed: bool = False) -> tuple:
+    embedded = model.W_E[tokens] + (model.W_pos[: tokens.shape[1]] if positions else 0)
+    mixing = pattern[:, 0].transpose(-1, -2) if transposed else pattern[:, 0]
+    head = torch.einsum("bqk,bkd->bqd", mixing, embedded @ model.W_V[0, 0]) @ model.W_O[0, 0] @ model.W_U
+    return embedded @ model.W_U, head
+
+
+def _direct_and_head(model, tokens: Tensor, pattern: Tensor) -> tuple[Tensor, Tensor]:
+    paths = circuits.one_layer_path_logits(model, tokens, pattern)
+    return paths["direct"], paths["head 0"]
+
+
+@exercise("7.1", "the path expansion of a one-layer model", circuits.one_layer_path_logits, kind="implementation",
+          hint="each path starts from the residual stream's input at every position (token and position); the head "
+               "mixes the value vectors of the key positions with the pattern's rows, then writes and unembeds; "
+               "return the two paths as a tuple, direct first.",
+          mistakes=(
+              Mistake("W_pos left out", "the residual stream starts as the token embedding plus the positional "
+                      "embedding, and both paths carry both.", lambda m, t, p: _paths(m, t, p, positions=False)),
+              Mistake("the pattern read with queries and keys swapped",
+                      "pattern[b, h, q, k] is how much query q takes from key k: sum over the last axis.",
+                      lambda m, t, p: _paths(m, t, p, transposed=True)),
+              Mistake("the two paths added into one tensor",
+                      "the exercise asks for each path on its own, as a tuple (direct, head): their sum is the "
+                      "logits, which the model already gives.", lambda m, t, p: sum(_paths(m, t, p))),
+          ))
+def check_one_layer_path_logits(fn: Callable, ex: Attempt) -> None:
+    # the reference returns a dict of named paths, the learner a tuple (direct, head)
+    for where, args in _one_layer_cases():
+        check_case(fn, ex.at(where), args, reference=_direct_and_head, atol=1e-3, rtol=1e-3)
+    passed(ex)
+
+
+def _split_cases() -> list[Case]:
+    noisy = noisy_model("addition", 0.05)
+    fresh = fresh_model("addition")
+    with torch.no_grad():
+        fresh.W_in.mul_(3.0)
+    pairs = torch.randint(0, 64, (48, 2))
+    cases = []
+    for where, model in (("on a noisy addition checkpoint", noisy), ("on a fresh addition model", fresh)):
+        with torch.no_grad():
+            _, cache = model.run_with_cache(pairs)
+        x, attn = cache["embed"] + cache["pos_embed"], cache["attn_out", 0]
+        cases.append((f"{where}, pieces [x, attn_out]", (model, [x, attn])))
+        cases.append((f"{where}, pieces per source token", (model, [x, *circuits.head_pieces(model, cache)])))
+    return cases
+
+
+check_split_mlp_logits = exercise(
+    "7.2", "the MLP split over its input's paths", circuits.split_mlp_logits, function="split_mlp_logits",
+    cases=_split_cases, atol=1e-3, rtol=1e-3,
+    hint="the skip path carries every piece untouched; the MLP (ReLU included) runs once per piece, on that piece "
+         "alone, and its outputs are added; the total is unembedded.",
+    mistakes=(
+        Mistake("the MLP applied once, to the whole input (the exact model, not the split)",
+                "the question is what goes wrong when the MLP sees each piece separately: call it once per piece.",
+                lambda model, pieces: (sum(pieces) + circuits.mlp_output(model, sum(pieces))) @ model.W_U + model.b_U),
+        Mistake("the skip path left out",
+                "the residual stream still carries the pieces themselves past the MLP, and the unembedding reads "
+                "them too.",
+                lambda model, pieces: sum(circuits.mlp_output(model, p) for p in pieces) @ model.W_U + model.b_U),
+        Mistake("the MLP without its ReLU",
+                "without the non-linearity the split would be exact; the MLP is relu(x W_in + b_in) W_out + b_out.",
+                lambda model, pieces: (sum(pieces) + sum(p @ model.W_in[0] @ model.W_out[0] for p in pieces))
+                @ model.W_U + model.b_U),
+    ))
+
+
+def _induction_attention_cases() -> list[Case]:
+    return [(f"on a random pattern with half = {half}", (random_causal_pattern(batch, heads, 2 * half), half))
+            for batch, heads, half in [(6, 2, 4), (3, 3, 5)]]
+
+
+def _attention_at(pattern: Tensor, queries: Tensor, keys: Tensor) -> Tensor:
+    return pattern[:, :, queries, keys].mean(dim=(0, 2))
+
+
+check_induction_attention = exercise(
+    "7.3", "induction attention", circuits.induction_attention, function="induction_attention",
+    kind="implementation", cases=_induction_attention_cases, atol=1e-6,
+    hint="only the queries of the second copy count; each looks at the position just after its own token's earlier "
+         "occurrence, half positions back plus one; average over the batch and those queries, one number per head.",
+    mistakes=(
+        Mistake("the previous position (a previous-token head's key)",
+                "an induction head looks at what came after the earlier copy of the current token, not at the "
+                "position just before the query.",
+                lambda p, half: _attention_at(p, torch.arange(half, p.shape[-1]), torch.arange(half, p.shape[-1]) - 1)),
+        Mistake("the earlier occurrence of the same token",
+                "the head copies the token that followed the earlier occurrence, one position later.",
+                lambda p, half: _attention_at(p, torch.arange(half, p.shape[-1]), torch.arange(half, p.shape[-1]) - half)),
+        Mistake("the last query of the first copy counted too",
+                "only queries in the second copy (from position half on) have an earlier occurrence to look back to.",
+                lambda p, half: _attention_at(p, torch.arange(half - 1, p.shape[-1]),
+                                              torch.arange(half - 1, p.shape[-1]) - half + 1)),
+    ))
+
+
+def _patch_cases() -> list[Case]:
+    noisy = noisy_model("induction", 0.05)
+    tokens, _ = tasks.induction_batch(32)
+    corrupted, _ = tasks.induction_batch(32)
+    return [("from both layer-0 heads into both layer-1 heads", (noisy, tokens, corrupted, [0, 1], [0, 1])),
+            ("from layer-0 head 1 into layer-1 head 0 only", (noisy, tokens, corrupted, [1], [0])),
+            ("from layer-0 head 0 into layer-1 head 1 only", (noisy, tokens, corrupted, [0], [1]))]
+
+
+def _patched_everywhere(model, tokens, corrupted, sources, targets) -> Tensor:
+    names = lambda name: name == "blocks.0.attn.hook_z"  # noqa: E731
+    _, clean = model.run_with_cache(tokens, names_filter=names)
+    _, dirty = model.run_with_cache(corrupted, names_filter=names)
+    change = sum((dirty["z", 0][:, :, h] - clean["z", 0][:, :, h]) @ model.W_O[0, h] for h in sources)
+    return model.run_with_hooks(tokens, fwd_hooks=[("blocks.1.hook_resid_pre", lambda resid, hook: resid + change)])
+
+
+def _patched_into(model, tokens, corrupted, sources, targets, reader: str = "k", zero: bool = False) -> Tensor:
+    """The path patch written out again (a mistake may not call the reference): layer-0 heads into layer-1 `reader`s."""
+    _, clean = model.run_with_cache(tokens, names_filter="blocks.0.attn.hook_z")
+    _, dirty = model.run_with_cache(corrupted, names_filter="blocks.0.attn.hook_z")
+    change = sum(((0 if zero else dirty["z", 0][:, :, h]) - clean["z", 0][:, :, h]) @ model.W_O[0, h] for h in sources)
+    weights = {"q": model.W_Q, "k": model.W_K}[reader]
+
+    def hook(activation: Tensor, hook) -> Tensor:
+        activation = activation.clone()
+        for h in targets:
+            activation[:, :, h] += change @ weights[1, h]
+        return activation
+
+    return model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.1.attn.hook_{reader}", hook)])
+
+
+check_patch_key_path = exercise(
+    "7.4", "patch one path: into the induction head's keys", circuits.patch_key_path, function="patch_key_path",
+    cases=_patch_cases, atol=1e-3, rtol=1e-3,
+    hint="the layer-1 key is a linear function of the residual stream, which is a sum: swapping one term of that "
+         "sum changes the key by the difference of the two versions of the term, passed through the key weights of "
+         "the target heads only; the queries, the values and the other heads keep the clean stream.",
+    mistakes=(
+        Mistake("the patch put into the queries",
+                "the path under test ends in the keys of the layer-1 heads: the query reads the current token, the "
+                "key reads what the previous-token head wrote.",
+                lambda *args: _patched_into(*args, reader="q")),
+        Mistake("the layer-0 output replaced on every path into layer 1 (queries and values too)",
+                "patch one path only: the layer-1 input stays clean for the queries, the values and the logits.",
+                _patched_everywhere),
+        Mistake("every layer-1 head patched, not only the target heads",
+                "the other layer-1 heads keep their clean keys: the path ends in the target heads.",
+                lambda model, tokens, corrupted, sources, targets: _patched_into(
+                    model, tokens, corrupted, sources, list(range(model.cfg.n_heads)))),
+        Mistake("the layer-0 output removed from the keys (zero-ablated) instead of replaced",
+                "a patch swaps the clean output for the output on the corrupted tokens, so the key still gets a "
+                "previous-token signal of the usual size, only the wrong one.",
+                lambda *args: _patched_into(*args, zero=True)),
+    ))
+
+
+def _attribution_cases() -> list[Case]:
+    noisy = noisy_model("induction", 0.1)
+    tokens, targets = tasks.induction_batch(24)
+    starts, lengths = torch.randint(0, 6, (24,)), torch.randint(3, 9, (24,))
+    moved, moved_targets = tasks.repeated_stretch_batch(starts, lengths)
+    return [("on a noisy induction checkpoint", (noisy, tokens, targets)),
+            ("on repeats of 3-8 tokens placed anywhere", (noisy, moved, moved_targets))]
+
+
+def _attribution(model, tokens: Tensor, targets: Tensor, read: str = "centred", answer: str = "target") -> dict:
+    keep = targets != IGNORE
+    _, cache = model.run_with_cache(tokens)
+    wanted = (targets if answer == "target" else tokens)[keep][:, None]
+    out = {}
+    for name, part in circuits.residual_components(model, cache).items():
+        logits = part[keep] @ model.W_U
+        if read == "norm":
+            out[name] = part[keep].norm(dim=-1).mean().item()
+            continue
+        if read == "centred":
+            logits = logits - logits.mean(-1, keepdim=True)
+        out[name] = logits.gather(-1, wanted).mean().item()
+    return out
+
+
+check_correct_logit_attribution = exercise(
+    "7.5", "who writes the answer?", circuits.correct_logit_attribution, function="correct_logit_attribution",
+    cases=_attribution_cases, atol=1e-3, rtol=1e-3,
+    hint="split the final residual stream into its terms (the two embeddings and every head's output); unembed "
+         "each term, subtract its mean over the vocabulary, read it at the target token, and average over the "
+         "positions that have a target.",
+    mistakes=(
+        Mistake("the logit not centred on its mean over the vocabulary",
+                "adding the same amount to every logit changes no prediction: a term helps the answer only by what "
+                "it gives the target more than the average token.",
+                lambda *args: _attribution(*args, read="raw")),
+        Mistake("the current token's logit, not the target's",
+                "the model predicts the next token: read each position's logits at its target, not at the token "
+                "it holds.", lambda *args: _attribution(*args, answer="token")),
+        Mistake("each term's norm, not its logit",
+                "a large vector can write nothing the unembedding reads: measure what each term adds to the correct "
+                "logit, not how long it is.", lambda *args: _attribution(*args, read="norm")),
+    ))
+
+
