@@ -856,3 +856,42 @@ def test_the_learners_function_cannot_find_the_expected_answer(check_name):
 
     check(searcher)
     assert not leaks, f"{check_name}: the answer was reachable while the learner's function ran: {leaks[:3]}"
+
+
+# ------------------------------------------------------------------ (g) mistakes are built from the references
+def _functions_with_tokens(path) -> dict[str, list[str]]:
+    """Every function in a source file (nested ones too), as the sequence of its names, operators and numbers."""
+    import ast
+    import io
+    import tokenize
+
+    source = path.read_text()
+    found = {}
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.FunctionDef):
+            text = ast.get_source_segment(source, node)
+            found[f"{path.name}:{node.name}"] = [t.string for t in tokenize.generate_tokens(io.StringIO(text).readline)
+                                                 if t.type in (tokenize.NAME, tokenize.OP, tokenize.NUMBER)]
+    return found
+
+
+@pytest.mark.parametrize("chapter", [module.__name__.rsplit(".", 1)[1] for module in checks.CHAPTER_MODULES])
+def test_no_checker_function_copies_a_function_of_the_course(chapter):
+    """A named mistake starts from the reference or its pieces; a private near-copy of a reference (60 % or more of
+    the same token sequence, in a function of 30 tokens or more) would drift from it unnoticed."""
+    import difflib
+    from pathlib import Path
+
+    root = Path(checks.__file__).parent.parent
+    ours = {}
+    for module in ("circuits", "fourier", "models", "proofs", "tasks", "train"):
+        ours.update(_functions_with_tokens(root / f"{module}.py"))
+    copies = []
+    for name, tokens in _functions_with_tokens(Path(checks.__file__).parent / f"{chapter}.py").items():
+        for other, their in ours.items():
+            if min(len(tokens), len(their)) < 30:
+                continue
+            matcher = difflib.SequenceMatcher(None, tokens, their, autojunk=False)
+            if matcher.real_quick_ratio() >= 0.6 and matcher.quick_ratio() >= 0.6 and matcher.ratio() >= 0.6:
+                copies.append(f"{name} ~ {other} ({matcher.ratio():.0%})")
+    assert not copies, "checker functions that copy the course's code: " + "; ".join(copies)
