@@ -24,20 +24,25 @@ $(STAMP): requirements.txt pyproject.toml
 lab: $(STAMP)
 	$(BIN)/jupyter lab $(LAB_ROOT_FLAG) --ServerApp.root_dir=. chapters/00_tour.ipynb
 
+# two pytest workers (pytest-xdist): the course's models run on one thread each, so two workers use both cores
+# of a 2-core laptop; a notebook's cells stay together in one worker (--dist loadscope), and so do tests marked
+# with one xdist_group (--dist loadgroup)
+WORKERS ?= 2
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not browser" tests
-	$(BIN)/python -m pytest -q --nbval-lax --nbval-cell-timeout=600 solutions
+	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadgroup -m "not browser" tests
+	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadscope --nbval-lax --nbval-cell-timeout=600 solutions
 
 test-seeds: $(STAMP)
 	@set -e; for seed in $(SEEDS); do \
 	  echo "== seed $$seed: retraining every model into .seeds/$$seed (kept and reused while current)"; \
 	  $(BIN)/python -m utils.train all --seed $$seed --out .seeds/$$seed --reuse; \
 	  echo "== seed $$seed: the solved chapters on these checkpoints"; \
-	  CIRCUITS_MODELS_DIR=$(CURDIR)/.seeds/$$seed $(BIN)/python -m pytest -q -p no:cacheprovider --nbval-lax --nbval-cell-timeout=600 solutions; \
+	  CIRCUITS_MODELS_DIR=$(CURDIR)/.seeds/$$seed $(BIN)/python -m pytest -q -p no:cacheprovider -n $(WORKERS) --dist loadscope --nbval-lax --nbval-cell-timeout=600 solutions; \
 	done
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow and not browser" tests
+	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadgroup -m "not slow and not browser" tests
 
 # every solutions notebook and every unfilled chapter in a real JupyterLab in headless Chromium
 # (Debian's chromium package, installed here when missing; needs root or sudo); screenshots land in

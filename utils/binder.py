@@ -42,13 +42,17 @@ def launch_url(path: str = "README.md", root: Path = REPO_ROOT) -> str:
 
 
 def binder_requirements(requirements: str) -> str:
-    """binder/requirements.txt from requirements.txt: torch from the CPU index as +cpu, no `-e .`."""
+    """binder/requirements.txt from requirements.txt: torch from the CPU index as +cpu, no `-e .`, no tests-only
+    section (the block whose comment starts "# tests only", up to the next blank line)."""
     out = ["# Generated from ../requirements.txt by `python -m utils.binder`: do not edit by hand.",
            "# Same pins, except torch: the CPU-only build from PyTorch's own index (no CUDA packages).",
            f"--extra-index-url {CPU_INDEX}"]
-    found_torch = False
+    found_torch = tests_only = False
     for line in requirements.splitlines():
         stripped = line.strip()
+        tests_only = stripped.startswith("# tests only") or (tests_only and stripped != "")
+        if tests_only:
+            continue
         if stripped.startswith("-e ") or stripped == "-e.":
             continue  # binder/postBuild installs the course package
         match = re.fullmatch(r"torch==([\w.]+)", stripped)
