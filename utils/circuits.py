@@ -21,15 +21,25 @@ def residual_from_components(model, cache) -> Tensor:
     return resid
 
 
+def attention_scores(q: Tensor, k: Tensor) -> Tensor:
+    """Every query-key dot product scaled by 1/sqrt(d_head), [batch, head, query_pos, key_pos]; q, k: [batch, pos,
+    head, d_head]."""
+    return torch.einsum("bqhd,bkhd->bhqk", q, k) / q.shape[-1] ** 0.5
+
+
+def mask_future(scores: Tensor) -> Tensor:
+    """`scores` [..., query_pos, key_pos] with every key after its query set to -inf (weight 0 after a softmax)."""
+    n = scores.shape[-1]
+    future = torch.triu(torch.ones(n, n, dtype=torch.bool, device=scores.device), diagonal=1)
+    return scores.masked_fill(future, float("-inf"))
+
+
 def attention_pattern(q: Tensor, k: Tensor) -> Tensor:
     """Causal attention pattern softmax(q k^T / sqrt(d_head)), [batch, head, query_pos, key_pos].
 
     q, k: [batch, pos, head, d_head]. Keys after the query are masked out before the softmax.
     """
-    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / q.shape[-1] ** 0.5
-    n = q.shape[1]
-    future = torch.triu(torch.ones(n, n, dtype=torch.bool, device=q.device), diagonal=1)
-    return scores.masked_fill(future, float("-inf")).softmax(dim=-1)
+    return mask_future(attention_scores(q, k)).softmax(dim=-1)
 
 
 def fraction_attending_to_max(model, lists: Tensor, layer: int = 0, head: int = 0) -> float:
@@ -53,12 +63,22 @@ def uniform_causal_pattern(pattern: Tensor, hook=None) -> Tensor:
     return (visible / visible.sum(-1, keepdim=True)).expand_as(pattern)
 
 
+def logits_with_pattern_replaced(model, tokens: Tensor, replace, layer: int = 0) -> Tensor:
+    """Logits [batch, pos, vocab] with layer `layer`'s attention pattern replaced by what the hook `replace`
+    (pattern, hook) returns."""
+    return model.run_with_hooks(tokens, fwd_hooks=[(get_act_name("pattern", layer), replace)])
+
+
+def last_position_accuracy(logits: Tensor, lists: Tensor) -> float:
+    """Share of `lists` [batch, pos] whose last position's largest logit is the list's maximum."""
+    return (logits[:, -1].argmax(-1) == lists.max(-1).values).float().mean().item()
+
+
 def uniform_attention_accuracy(model, lists: Tensor, layer: int = 0) -> float:
     """Accuracy at the last position (the answer is each list's maximum) with layer `layer`'s attention
     pattern replaced by uniform attention over the visible positions (`uniform_causal_pattern`)."""
     with torch.no_grad():
-        logits = model.run_with_hooks(lists, fwd_hooks=[(get_act_name("pattern", layer), uniform_causal_pattern)])
-    return (logits[:, -1].argmax(-1) == lists.max(-1).values).float().mean().item()
+        return last_position_accuracy(logits_with_pattern_replaced(model, lists, uniform_causal_pattern, layer), lists)
 
 
 # --------------------------------------------------------------------- full circuits (one-layer models)
@@ -84,10 +104,20 @@ def logit_boosts(model, tokens: Tensor, layer: int = 0) -> tuple[float, float]:
     vocabulary; the attention term is the layer's output (cache["attn_out", layer]) times W_U.
     Averaged over the lists of `tokens` [batch, n].
     """
+    answer = tokens.max(-1).values
+    return tuple(correct_logit_boost(term, answer) for term in logit_terms(model, tokens, layer))
+
+
+def logit_terms(model, tokens: Tensor, layer: int = 0) -> tuple[Tensor, Tensor]:
+    """The logits at the last position split in two, (direct path, the layer's attention output times W_U),
+    each [batch, vocab]."""
     _, cache = model.run_with_cache(tokens)
-    answer = tokens.max(-1).values[:, None]
-    terms = (direct_path_logits(model, tokens), cache["attn_out", layer][:, -1] @ model.W_U)
-    return tuple((x.gather(-1, answer).squeeze(-1) - x.mean(-1)).mean().item() for x in terms)
+    return direct_path_logits(model, tokens), cache["attn_out", layer][:, -1] @ model.W_U
+
+
+def correct_logit_boost(logits: Tensor, answer: Tensor) -> float:
+    """Mean over the lists of the logit of the right answer minus the list's mean logit; logits [batch, vocab]."""
+    return (logits.gather(-1, answer[:, None]).squeeze(-1) - logits.mean(-1)).mean().item()
 
 
 def logits_without_direct_path(model, tokens: Tensor, layer: int = 0) -> Tensor:
@@ -173,6 +203,24 @@ def fraction_ordered(scores: Tensor) -> float:
     return later_wins[:, pairs].float().mean().item()
 
 
+def best_key(qk: Tensor, query: Tensor, lists: Tensor) -> Tensor:
+    """For each list, the key position whose token a token-to-token map `qk` [query token, key token] scores
+    highest for the token `query` [batch, 1] (the first of tied positions), [batch]."""
+    return qk[query, lists].argmax(-1)
+
+
+def attended_key(model, lists: Tensor, layer: int = 0, head: int = 0) -> Tensor:
+    """For each list, the key position the last row of the head's attention pattern weighs most, [batch]."""
+    _, cache = model.run_with_cache(lists, names_filter=get_act_name("pattern", layer))
+    return cache["pattern", layer][:, head, -1].argmax(-1)
+
+
+def same_token_share(lists: Tensor, i: Tensor, j: Tensor) -> float:
+    """Share of `lists` [batch, pos] holding the same token at positions i [batch] and j [batch]."""
+    picked = lists.gather(1, torch.stack([i, j], dim=1))
+    return (picked[:, 0] == picked[:, 1]).float().mean().item()
+
+
 def token_only_agreement(model, lists: Tensor, layer: int = 0, head: int = 0) -> float:
     """Share of `lists` [batch, pos] on which the token-only QK map and the model pick the same key token.
 
@@ -181,12 +229,37 @@ def token_only_agreement(model, lists: Tensor, layer: int = 0, head: int = 0) ->
     last row of the head's real attention pattern weighs most. They agree when the two positions
     hold the same token (so a repeated token at another position still counts as the same key).
     """
-    qk = full_qk_tokens(model, layer, head)
-    token_choice = qk[lists[:, -1:], lists].argmax(-1)  # [batch]: a key position
-    _, cache = model.run_with_cache(lists, names_filter=get_act_name("pattern", layer))
-    model_choice = cache["pattern", layer][:, head, -1].argmax(-1)
-    picked = lists.gather(1, torch.stack([token_choice, model_choice], dim=1))
-    return (picked[:, 0] == picked[:, 1]).float().mean().item()
+    token_choice = best_key(full_qk_tokens(model, layer, head), lists[:, -1:], lists)
+    return same_token_share(lists, token_choice, attended_key(model, lists, layer, head))
+
+
+def attention_pattern_of(model, tokens: Tensor, layer: int = 0) -> Tensor:
+    """Layer `layer`'s attention pattern on `tokens`, [batch, head, query_pos, key_pos]."""
+    _, cache = model.run_with_cache(tokens, names_filter=get_act_name("pattern", layer))
+    return cache["pattern", layer]
+
+
+def logits_with_embeddings(model, tokens: Tensor, embeddings: Tensor, pattern: Tensor | None = None,
+                           pos_scale: float = 1.0) -> Tensor:
+    """Logits [batch, pos, vocab] of the model run with the token embeddings replaced by `embeddings` [batch, pos,
+    d_model], layer 0's pattern frozen at `pattern` when given, and the positional embedding times `pos_scale`."""
+    hooks = [(get_act_name("embed"), lambda embed, hook: embeddings)]
+    if pattern is not None:
+        hooks.append((get_act_name("pattern", 0), lambda _, hook: pattern))
+    if pos_scale != 1.0:
+        hooks.append((get_act_name("pos_embed"), lambda pos, hook: pos_scale * pos))
+    return model.run_with_hooks(tokens, fwd_hooks=hooks)
+
+
+def frozen_mix_logits(model, a: Tensor, b: Tensor, alpha: float, beta: float,
+                      scale_pos: bool = False) -> tuple[Tensor, Tensor]:
+    """(the logits on the mixed embeddings alpha W_E[a] + beta W_E[b], alpha logits(a) + beta logits(b)), every run
+    with layer 0's pattern frozen at a's; see frozen_mix_gap."""
+    pattern = attention_pattern_of(model, a)
+    mix = alpha * model.W_E[a] + beta * model.W_E[b]
+    mixed = logits_with_embeddings(model, a, mix, pattern, pos_scale=alpha + beta if scale_pos else 1.0)
+    combined = alpha * logits_with_frozen_pattern(model, a, pattern) + beta * logits_with_frozen_pattern(model, b, pattern)
+    return mixed, combined
 
 
 def frozen_mix_gap(model, a: Tensor, b: Tensor, alpha: float, beta: float, scale_pos: bool = False) -> float:
@@ -199,16 +272,8 @@ def frozen_mix_gap(model, a: Tensor, b: Tensor, alpha: float, beta: float, scale
     once, not alpha + beta times; with `scale_pos` the positional embedding is scaled by
     alpha + beta as well, and the gap vanishes for any coefficients (biases are zero here).
     """
-    _, cache = model.run_with_cache(a, names_filter=get_act_name("pattern", 0))
-    frozen = (get_act_name("pattern", 0), lambda pattern, hook: cache["pattern", 0])
-    mix = alpha * model.W_E[a] + beta * model.W_E[b]
-    hooks = [frozen, (get_act_name("embed"), lambda embed, hook: mix)]
-    if scale_pos:
-        hooks.append((get_act_name("pos_embed"), lambda pos, hook: (alpha + beta) * pos))
-    mixed = model.run_with_hooks(a, fwd_hooks=hooks)
-    logits_a = model.run_with_hooks(a, fwd_hooks=[frozen])
-    logits_b = model.run_with_hooks(b, fwd_hooks=[frozen])
-    return (mixed - (alpha * logits_a + beta * logits_b)).abs().max().item()
+    mixed, combined = frozen_mix_logits(model, a, b, alpha, beta, scale_pos)
+    return (mixed - combined).abs().max().item()
 
 
 # --------------------------------------------------------------------- MLP effective weights (one-layer models)
@@ -489,10 +554,27 @@ def qk_score_terms(model, query_pos: int, key_pos: int, layer: int = 0, head: in
     row (they can order the keys at one position); "·pos" terms shift whole key positions; "·const"
     terms are the same for every key and cancel in the softmax.
     """
+    return qk_terms_of_parts(model, residual_parts(model, query_pos, "query"), residual_parts(model, key_pos, "key"),
+                             layer, head)
+
+
+def qk_terms_of_parts(model, query_parts: dict[str, Tensor], key_parts: dict[str, Tensor], layer: int = 0,
+                      head: int = 0) -> dict[str, Tensor]:
+    """The scaled QK products "<query part>·<key part>" of two splits of the residual stream, each [vocab, vocab].
+
+    `query_parts` and `key_parts` map names to [vocab, d_model] pieces that add up to each side's
+    residual stream (residual_parts gives the course's split); the products add up to the score.
+    """
     scale = model.cfg.d_head**0.5
-    queries = {name: part @ model.W_Q[layer, head] for name, part in residual_parts(model, query_pos, "query").items()}
-    keys = {name: part @ model.W_K[layer, head] for name, part in residual_parts(model, key_pos, "key").items()}
-    return {f"{a}·{b}": queries[a] @ keys[b].T / scale for a in QK_PARTS for b in QK_PARTS}
+    queries = {name: part @ model.W_Q[layer, head] for name, part in query_parts.items()}
+    keys = {name: part @ model.W_K[layer, head] for name, part in key_parts.items()}
+    return {f"{a}·{b}": queries[a] @ keys[b].T / scale for a in queries for b in keys}
+
+
+def stored_parts(model, pos: int) -> dict[str, Tensor]:
+    """The residual stream at `pos` split at the embeddings as stored: {"token": W_E, "pos": W_pos[pos]}, each
+    [vocab, d_model]."""
+    return {"token": model.W_E, "pos": model.W_pos[pos].expand(model.cfg.d_vocab, -1)}
 
 
 def uncentred_qk_score_terms(model, query_pos: int, key_pos: int, layer: int = 0, head: int = 0) -> dict[str, Tensor]:
@@ -502,12 +584,7 @@ def uncentred_qk_score_terms(model, query_pos: int, key_pos: int, layer: int = 0
     and "pos·pos", scaled by 1 / sqrt(d_head). They add up to full_qk_positional too, but which term holds
     what every query shares depends on how training happened to divide it between W_E and W_pos.
     """
-    scale = model.cfg.d_head**0.5
-    queries = {"token": model.W_E @ model.W_Q[layer, head], "pos": model.W_pos[query_pos][None] @ model.W_Q[layer, head]}
-    keys = {"token": model.W_E @ model.W_K[layer, head], "pos": model.W_pos[key_pos][None] @ model.W_K[layer, head]}
-    vocab = model.cfg.d_vocab
-    return {f"{a}·{b}": (queries[a] @ keys[b].T / scale).expand(vocab, vocab).clone() for a in ("token", "pos")
-            for b in ("token", "pos")}
+    return qk_terms_of_parts(model, stored_parts(model, query_pos), stored_parts(model, key_pos), layer, head)
 
 
 def key_spread(scores: Tensor) -> float:
@@ -569,7 +646,18 @@ def qk_score_table(model, layer: int = 0, head: int = 0) -> Tensor:
     return torch.einsum("pad,kbd->pakb", queries, keys) / scale
 
 
-def worst_margin_by_gap(model, query_pos: int, same_position: bool = False) -> Tensor:
+def list_configurations(query_pos: int, same_position: bool = False):
+    """Which (query token t, key positions k1 and k2, smaller key b, larger key c) a list can hold, as a function of
+    broadcastable index tensors: k1 != k2 (k1 = k2 with `same_position`), the key at `query_pos` holds t itself, and
+    the larger key c, which plays the list's maximum, is at least t."""
+    def possible(t: Tensor, k1: Tensor, k2: Tensor, b: Tensor, c: Tensor) -> Tensor:
+        positions = (k1 == k2) if same_position else (k1 != k2)
+        return positions & ((k1 != query_pos) | (c == t)) & ((k2 != query_pos) | (b == t)) & (c >= t)
+    return possible
+
+
+def worst_margin_by_gap(model, query_pos: int, same_position: bool = False, possible=None,
+                        reduce: str = "min") -> Tensor:
     """Worst-case QK score margin of a larger key over a smaller one, [vocab (query token), vocab (gap)].
 
     Entry [t, g] is the least score(c at k1) - score(b at k2), for a query holding token t at
@@ -578,20 +666,26 @@ def worst_margin_by_gap(model, query_pos: int, same_position: bool = False) -> T
     Only configurations a list can have count: the key at query_pos holds the query token t
     itself, and the larger key c is at least t (c plays the list's maximum). Entries with no such
     configuration (gap 0, query position 0, too large a gap) are +inf. Positive everywhere means
-    the maximum outscores every smaller key, wherever both sit.
+    the maximum outscores every smaller key, wherever both sit. `possible` replaces those rules
+    (see list_configurations); `reduce="mean"` gives the typical margin instead of the worst.
     """
     scores = qk_score_table(model)[query_pos, :, : query_pos + 1]  # [t, k, v]
     vocab, n = scores.shape[0], query_pos + 1
     t = torch.arange(vocab)[:, None, None, None]
     k1, k2 = torch.arange(n)[None, :, None, None], torch.arange(n)[None, None, :, None]
-    positions_ok = (k1 == k2) if same_position else (k1 != k2)
+    possible = possible or list_configurations(query_pos, same_position)
     out = torch.full((vocab, vocab), float("inf"))
     for gap in range(1, vocab):
         c = torch.arange(gap, vocab)
         b = c - gap
         margin = scores[:, :, None, c] - scores[:, None, :, b]  # [t, k1, k2, pair]
-        possible = positions_ok & ((k1 != query_pos) | (c == t)) & ((k2 != query_pos) | (b == t)) & (c >= t)
-        out[:, gap] = margin.masked_fill(~possible, float("inf")).flatten(1).min(-1).values
+        ok = possible(t, k1, k2, b, c).expand_as(margin)
+        if reduce == "min":
+            out[:, gap] = margin.masked_fill(~ok, float("inf")).flatten(1).min(-1).values
+        else:
+            count = ok.flatten(1).sum(-1)
+            mean = (margin * ok).flatten(1).sum(-1) / count.clamp(min=1)
+            out[:, gap] = torch.where(count > 0, mean, torch.tensor(float("inf")))
     return out
 
 
@@ -613,26 +707,45 @@ def attention_needed(model, worst_rest: bool = False, layer: int = 0, head: int 
     maximum is m and whose runner-up is r. 0 where any share wins, +inf where no share does and
     where r >= m (no list has a runner-up at or above its maximum).
     """
-    ov = ov_logit_table(model, layer, head)  # [k, x, o]
-    vocab = ov.shape[1]
-    tokens = torch.arange(vocab)
-    # lead[x, m, o]: how far token x's OV row puts m above o, at its worst key position
-    lead = (ov[:, :, :, None] - ov[:, :, None, :]).min(0).values  # [x, m, o]
-    own = lead[tokens, tokens]  # [m, o]: the maximum's own row
-    rest = lead.cummin(0).values if worst_rest else lead  # [r, m, o]
-    rest = rest.transpose(0, 1)  # [m, r, o]
+    lead = worst_ov_lead(ov_logit_table(model, layer, head))
+    return need_from_shares(shares_needed(lead, worst_direct_lead(model), worst_rest))
+
+
+def worst_ov_lead(ov: Tensor) -> Tensor:
+    """lead[x, m, o]: how far attended token x's OV row (ov [key_pos, x, logit]) puts logit m above logit o, at its
+    worst key position."""
+    return (ov[:, :, :, None] - ov[:, :, None, :]).min(0).values
+
+
+def worst_direct_lead(model) -> Tensor:
+    """[m, o]: how far the direct path (W_E[t] + W_pos[q]) W_U puts m above o, at its worst query position
+    (1 to n_ctx - 1) and query token t <= m."""
     direct = torch.stack([(model.W_E + model.W_pos[q]) @ model.W_U for q in range(1, model.cfg.n_ctx)])  # [q, t, o]
-    direct_lead = (direct[:, :, :, None] - direct[:, :, None, :]).min(0).values  # [t, m, o]
-    allowed = tokens[:, None, None] <= tokens[None, :, None]  # t <= m
-    direct_lead = direct_lead.masked_fill(~allowed, float("inf")).min(0).values  # [m, o]
-    a, b, d = own[:, None, :], rest, direct_lead[:, None, :]
+    lead = (direct[:, :, :, None] - direct[:, :, None, :]).min(0).values  # [t, m, o]
+    tokens = torch.arange(lead.shape[0])
+    return lead.masked_fill(~(tokens[:, None, None] <= tokens[None, :, None]), float("inf")).min(0).values
+
+
+def shares_needed(lead: Tensor, direct: Tensor, worst_rest: bool = False) -> Tensor:
+    """[m, r, o]: the least share p on the maximum m (the rest on the runner-up r) for which m's logit beats
+    rival o's, from the OV leads [x, m, o] and the direct path's [m, o]; -inf where every share wins (and
+    for o = m), +inf where none does. With `worst_rest` the rest may sit on any token <= r."""
+    vocab = lead.shape[0]
+    tokens = torch.arange(vocab)
+    own = lead[tokens, tokens]  # [m, o]: the maximum's own row
+    rest = (lead.cummin(0).values if worst_rest else lead).transpose(0, 1)  # [m, r, o]
+    a, b, d = own[:, None, :], rest, direct[:, None, :]
     # p a + (1 - p) b + d > 0  <=>  p (a - b) > -(b + d); when a <= b a larger share only hurts,
     # so every share wins if the whole of it does (a + d > 0) and none is sure to otherwise
     slope, needed = a - b, -(b + d)
     p = torch.where(slope > 0, needed / slope, torch.where(a + d > 0, -torch.inf, torch.inf))
-    p = p.masked_fill(torch.eye(vocab, dtype=torch.bool)[:, None, :], -torch.inf)  # o = m is no rival
-    need = p.max(-1).values.clamp(min=0.0)
-    return need.masked_fill(tokens[None, :] >= tokens[:, None], float("inf"))
+    return p.masked_fill(torch.eye(vocab, dtype=torch.bool)[:, None, :], -torch.inf)  # o = m is no rival
+
+
+def need_from_shares(shares: Tensor) -> Tensor:
+    """[m, r]: the share that beats every rival (the largest of shares [m, r, o]), at least 0; +inf where r >= m."""
+    tokens = torch.arange(shares.shape[0])
+    return shares.max(-1).values.clamp(min=0.0).masked_fill(tokens[None, :] >= tokens[:, None], float("inf"))
 
 
 def attention_on_maximum(model, lists: Tensor, batch_size: int = 10_000) -> tuple[Tensor, Tensor]:

@@ -99,6 +99,14 @@ def fibonacci_valid_positions(tokens: Tensor) -> Tensor:
     return follows.cumprod(dim=-1).bool()
 
 
+def fibonacci_next(tokens: Tensor) -> Tensor:
+    """x[i-1] + x[i] at every position i >= 1 and 0 at position 0, [batch, seq]: the next element wherever the
+    sequence goes on."""
+    nxt = torch.zeros_like(tokens)
+    nxt[..., 1:] = tokens[..., :-1] + tokens[..., 1:]
+    return nxt
+
+
 def fibonacci_targets(tokens: Tensor, max_value: int = ADDITION_MAX) -> Tensor:
     """Next Fibonacci element x[i+1] = x[i-1] + x[i] at every position i >= 1, [batch, seq].
 
@@ -106,8 +114,7 @@ def fibonacci_targets(tokens: Tensor, max_value: int = ADDITION_MAX) -> Tensor:
     past the end of the sequence (padding; see fibonacci_valid_positions). Works for any
     length 2 .. n_ctx.
     """
-    nxt = torch.zeros_like(tokens)
-    nxt[..., 1:] = tokens[..., :-1] + tokens[..., 1:]
+    nxt = fibonacci_next(tokens)
     has_target = fibonacci_valid_positions(tokens) & (nxt <= max_value)
     has_target[..., 0] = False
     return torch.where(has_target, nxt, torch.full_like(nxt, IGNORE))

@@ -32,7 +32,11 @@ def loss_fn(logits: Tensor, targets: Tensor) -> Tensor:
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tokens: Tensor, targets: Tensor) -> float:
     """One optimisation step on one batch; returns the batch loss as a float."""
-    loss = loss_fn(model(tokens), targets)
+    return step_on_loss(optimizer, loss_fn(model(tokens), targets))
+
+
+def step_on_loss(optimizer: torch.optim.Optimizer, loss: Tensor) -> float:
+    """Clear the gradients, backpropagate `loss`, let `optimizer` update; returns the loss as a float."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

@@ -16,12 +16,15 @@ from utils.checks.fixtures import (fresh_model, noisy_addition, noisy_model, ran
                                    random_models, smooth_curves)
 from utils.tasks import IGNORE
 
-def _component_sum(model, cache, pos_embed: bool = True, mlp: bool = True, layers: int | None = None) -> Tensor:
-    resid = cache["hook_embed"] + (cache["hook_pos_embed"] if pos_embed else 0)
-    for layer in range(model.cfg.n_layers if layers is None else layers):
-        resid = resid + cache[f"blocks.{layer}.hook_attn_out"]
-        if mlp and not model.cfg.attn_only:
-            resid = resid + cache[f"blocks.{layer}.hook_mlp_out"]
+def _without(model, cache, *hooks: str, layers: range | None = None) -> Tensor:
+    """The reference's stream less the named outputs of `layers` (all layers by default) or of the embeddings."""
+    resid = circuits.residual_from_components(model, cache)
+    for name in hooks:
+        for layer in (layers if layers is not None else range(model.cfg.n_layers)) if name != "pos_embed" else [None]:
+            if layer is None:
+                resid = resid - cache[name]
+            elif name != "mlp_out" or not model.cfg.attn_only:
+                resid = resid - cache[name, layer]
     return resid
 
 
@@ -42,24 +45,15 @@ check_residual_from_components = exercise(
     mistakes=(
         Mistake("the sum without the positional embedding",
                 "the stream starts as the token embedding plus the positional embedding of its position.",
-                lambda model, cache: _component_sum(model, cache, pos_embed=False)),
+                lambda model, cache: _without(model, cache, "pos_embed")),
         Mistake("the sum without the MLP outputs",
                 "in a model with MLPs, each MLP adds its output to the stream too (the check uses the addition model).",
-                lambda model, cache: _component_sum(model, cache, mlp=False)),
+                lambda model, cache: _without(model, cache, "mlp_out")),
         Mistake("the stream before the last layer (resid_pre)",
                 "the last layer's outputs belong in the final stream as well.",
-                lambda model, cache: _component_sum(model, cache, layers=model.cfg.n_layers - 1)),
+                lambda model, cache: _without(model, cache, "attn_out", "mlp_out",
+                                              layers=range(model.cfg.n_layers - 1, model.cfg.n_layers))),
     ))
-
-
-def _scaled_scores(q: Tensor, k: Tensor, scale: bool = True) -> Tensor:
-    scores = torch.einsum("bqhd,bkhd->bhqk", q, k)
-    return scores / math.sqrt(q.shape[-1]) if scale else scores
-
-
-def _masked(scores: Tensor) -> Tensor:
-    n = scores.shape[-1]
-    return scores.masked_fill(torch.triu(torch.ones(n, n, dtype=torch.bool), 1), -torch.inf)
 
 
 def _queries_and_keys() -> list[Case]:
@@ -75,13 +69,13 @@ check_attention_pattern = exercise(
     mistakes=(
         Mistake("the scores without the 1/sqrt(d_head) scale",
                 "the head divides every query-key dot product by the square root of d_head before the softmax.",
-                lambda q, k: _masked(_scaled_scores(q, k, scale=False)).softmax(-1)),
+                lambda q, k: circuits.attention_pattern(q * q.shape[-1] ** 0.5, k)),
         Mistake("a pattern without the causal mask",
                 "a query may not look at keys after it: those must get weight exactly 0.",
-                lambda q, k: _scaled_scores(q, k).softmax(-1)),
+                lambda q, k: circuits.attention_scores(q, k).softmax(-1)),
         Mistake("a softmax over the query axis",
                 "each query's weights over the keys must sum to 1, so normalise along the key axis.",
-                lambda q, k: _masked(_scaled_scores(q, k)).softmax(-2)),
+                lambda q, k: circuits.mask_future(circuits.attention_scores(q, k)).softmax(-2)),
     ))
 
 
@@ -128,17 +122,9 @@ check_fraction_attending_to_max = exercise(
     ))
 
 
-def _accuracy_with_pattern(model, lists: Tensor, hook: Callable, last_only: bool = True) -> float:
-    logits = model.run_with_hooks(lists, fwd_hooks=[("blocks.0.attn.hook_pattern", hook)])
-    if last_only:
-        return _share(logits[:, -1].argmax(-1) == lists.max(-1).values)
+def _every_position_accuracy(model, lists: Tensor) -> float:
+    logits = circuits.logits_with_pattern_replaced(model, lists, circuits.uniform_causal_pattern)
     return _share(logits[:, 1:].argmax(-1) == lists.cummax(-1).values[:, 1:])
-
-
-def _visible_uniform(pattern: Tensor, hook=None) -> Tensor:
-    n = pattern.shape[-1]
-    weights = torch.ones(n, n).tril()
-    return (weights / weights.sum(-1, keepdim=True)).expand_as(pattern)
 
 
 check_uniform_attention_accuracy = exercise(
@@ -151,42 +137,39 @@ check_uniform_attention_accuracy = exercise(
         Mistake("uniform attention over all positions, future ones included",
                 "a query may only see keys at or before it: the future ones must keep weight 0 (in a one-layer "
                 "model only the earlier rows change, which the second model of the check reads).",
-                lambda model, lists: _accuracy_with_pattern(model, lists, lambda p, hook: torch.full_like(p, 1 / p.shape[-1]))),
+                lambda model, lists: circuits.last_position_accuracy(circuits.logits_with_pattern_replaced(
+                    model, lists, lambda p, hook: torch.full_like(p, 1 / p.shape[-1])), lists)),
         Mistake("the accuracy over every position instead of the last",
                 "the question is the last position, which has seen the whole list.",
-                lambda model, lists: _accuracy_with_pattern(model, lists, _visible_uniform, last_only=False)),
+                _every_position_accuracy),
         Mistake("a hook that does not return the new pattern",
                 "the forward pass uses what the hook returns; a hook that returns nothing leaves the pattern as it was.",
-                lambda model, lists: _accuracy_with_pattern(model, lists, lambda p, hook: None)),
+                lambda model, lists: circuits.last_position_accuracy(model(lists), lists)),
     ))
 
 
-def _rotated(state: dict, R: Tensor, first: Callable = lambda w, R: R.T @ w, skip: tuple[str, ...] = ()) -> dict:
-    out = {}
-    for key, w in state.items():
-        if key in skip or key.endswith(tuple("." + s for s in skip)):
-            out[key] = w.clone()
-        elif key.endswith(models._D_MODEL_FIRST):
-            out[key] = first(w, R)
-        elif key.endswith(models._D_MODEL_LAST) or key.endswith(models._STREAM_BIASES):
-            out[key] = w @ R
-        else:
-            out[key] = w.clone()
-    return out
+def _rotated_but(state: dict, R: Tensor, which: Callable[[str], bool], instead: Callable) -> dict:
+    """The reference's rotation, except that the entries `which` picks get `instead(w, R)` from the original."""
+    rotated = models.rotate_residual_stream(state, R)
+    return {key: instead(state[key], R) if which(key) else w for key, w in rotated.items()}
 
 
 _ROTATE_MISTAKES = (
     Mistake("R where R.T belongs on the weights whose first axis is d_model",
             "those weights write x into the stream, and the stream's new coordinates are x times R, so they need the "
             "transpose that undoes it on their other side.",
-            lambda state, R: _rotated(state, R, first=lambda w, R: R @ w)),
+            lambda state, R: _rotated_but(state, R, lambda key: key.endswith(models._D_MODEL_FIRST),
+                                          lambda w, R: R @ w)),
     Mistake("the stream biases left unrotated",
             "attn.o.bias and mlp.out.bias are added to the stream, so they are residual vectors and rotate like one.",
-            lambda state, R: _rotated(state, R, skip=models._STREAM_BIASES)),
+            lambda state, R: _rotated_but(state, R, lambda key: key.endswith(models._STREAM_BIASES),
+                                          lambda w, R: w.clone())),
     Mistake("the embeddings left unrotated",
             "the embeddings write the stream's first vector (they are not readers), and that vector must come out "
             "rotated too.",
-            lambda state, R: _rotated(state, R, skip=("embed.weight", "pos_embed.weight"))),
+            lambda state, R: _rotated_but(state, R, lambda key: key in ("embed.weight", "pos_embed.weight")
+                                          or key.endswith((".embed.weight", ".pos_embed.weight")),
+                                          lambda w, R: w.clone())),
 )
 
 

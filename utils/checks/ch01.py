@@ -21,16 +21,15 @@ def _max_of_list_token_cases() -> list[Case]:
     return [(f"on lists of length {n}", (torch.randint(0, tasks.MAX_OF_LIST_VOCAB, (16, n)),)) for n in (2, 4, 6)]
 
 
-def _running_max_before(tokens: Tensor) -> Tensor:
-    targets = torch.full_like(tokens, IGNORE)
-    targets[:, 1:] = tokens.cummax(-1).values[:, :-1]
-    return targets
-
-
 def _whole_list_max(tokens: Tensor) -> Tensor:
-    targets = tokens.max(-1, keepdim=True).values.expand_as(tokens).clone()
-    targets[:, 0] = IGNORE
-    return targets
+    """The reference on lists whose first token is the list's maximum: every later target is the whole list's."""
+    return tasks.max_of_list_targets(torch.cat([tokens.max(-1, keepdim=True).values, tokens[:, 1:]], 1))
+
+
+def _running_max_before(tokens: Tensor) -> Tensor:
+    """The reference's targets one position late: position i gets the maximum of tokens 0..i-1."""
+    targets = tasks.max_of_list_targets(tokens)
+    return torch.cat([targets[:, :1], tokens[:, :1], targets[:, 1:-1]], 1)
 
 
 check_max_of_list_targets = exercise(
@@ -45,7 +44,8 @@ check_max_of_list_targets = exercise(
         Mistake("the maximum of the tokens before position i, without token i itself",
                 "the list at position i is tokens[0..i], the token at i included.", _running_max_before),
         Mistake("a target at position 0",
-                "a list of one token is not a task; position 0 gets IGNORE.", lambda tokens: tokens.cummax(-1).values),
+                "a list of one token is not a task; position 0 gets IGNORE.",
+                lambda tokens: torch.cat([tokens[:, :1], tasks.max_of_list_targets(tokens)[:, 1:]], 1)),
     ))
 
 
@@ -64,22 +64,17 @@ def _fibonacci_check_inputs(max_value: int, length: int) -> Tensor:
     return tokens[chosen]
 
 
-def _fibonacci_next_and_in_sequence(tokens: Tensor) -> tuple[Tensor, Tensor]:
-    """(x[i-1] + x[i] at every position i >= 1, 0 at position 0; whether position i is still in the sequence)."""
-    nxt = torch.zeros_like(tokens)
-    nxt[:, 1:] = tokens[:, :-1] + tokens[:, 1:]
-    rule = torch.ones_like(tokens, dtype=torch.bool)
-    rule[:, 2:] = tokens[:, 2:] == tokens[:, :-2] + tokens[:, 1:-1]
-    return nxt, rule.long().cumprod(1).bool()
+def _targets_on_the_padding(tokens: Tensor, max_value: int) -> Tensor:
+    """Every next element up to max_value from position 1 on, the sequence's end ignored."""
+    nxt = tasks.fibonacci_next(tokens)
+    keep = (nxt <= max_value) & (torch.arange(tokens.shape[1]) > 0)
+    return torch.where(keep, nxt, IGNORE)
 
 
-def _fib_mistake(tokens: Tensor, max_value: int, bound: bool = True, padding: bool = False,
-                 position_0: bool = False) -> Tensor:
-    nxt, in_sequence = _fibonacci_next_and_in_sequence(tokens)
-    keep = (in_sequence | padding) & ((nxt <= max_value) | (not bound))
-    targets = torch.where(keep, nxt, IGNORE)
-    if not position_0:
-        targets[:, 0] = IGNORE
+def _target_at_position_0(tokens: Tensor, max_value: int) -> Tensor:
+    """The reference's targets with position 0 given its 'next element', 0."""
+    targets = tasks.fibonacci_targets(tokens, max_value)
+    targets[:, 0] = 0
     return targets
 
 
@@ -92,13 +87,13 @@ def _fib_mistake(tokens: Tensor, max_value: int, bound: bool = True, padding: bo
               Mistake("targets on the padding after the sequence ends",
                       "once a token is not the sum of the two before it, that position and every later one are "
                       "padding and get IGNORE, whatever their tokens sum to.",
-                      lambda tokens, max_value: _fib_mistake(tokens, max_value, padding=True)),
+                      _targets_on_the_padding),
               Mistake("targets above max_value",
                       "a next element above max_value is not a token the model could output: it gets IGNORE.",
-                      lambda tokens, max_value: _fib_mistake(tokens, max_value, bound=False)),
+                      lambda tokens, max_value: tasks.fibonacci_targets(tokens, max_value=10 ** 9)),
               Mistake("a target at position 0",
                       "position 0 has seen one number, not two, so there is nothing to add: it gets IGNORE.",
-                      lambda tokens, max_value: _fib_mistake(tokens, max_value, position_0=True)),
+                      _target_at_position_0),
           ))
 def check_fibonacci_targets(fn: Callable, ex: Attempt) -> None:
     top, n = tasks.ADDITION_MAX, tasks.FIBONACCI_LENGTH
@@ -108,33 +103,32 @@ def check_fibonacci_targets(fn: Callable, ex: Attempt) -> None:
     passed(ex)
 
 
-def _cross_entropy(logits: Tensor, targets: Tensor, every_position: bool = False) -> Tensor:
-    per_position = F.cross_entropy(logits.flatten(0, 1), targets.flatten().clamp(min=0), reduction="none")
-    keep = (targets.flatten() != IGNORE).float()
-    return (per_position * keep).mean() if every_position else (per_position * keep).sum() / keep.sum()
+class _WithoutZeroGrad:
+    """An optimizer whose zero_grad does nothing: the reference's step with it lets gradients pile up."""
+
+    def __init__(self, optimizer) -> None:
+        self.optimizer = optimizer
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        pass
+
+    def step(self) -> None:
+        self.optimizer.step()
 
 
 def _step_piling_up_gradients(model, optimizer, tokens: Tensor, targets: Tensor) -> float:
-    loss = _cross_entropy(model(tokens), targets)
-    loss.backward()
-    optimizer.step()
-    return loss.item()
+    return train.train_step(model, _WithoutZeroGrad(optimizer), tokens, targets)
 
 
 def _step_mean_over_every_position(model, optimizer, tokens: Tensor, targets: Tensor) -> float:
-    optimizer.zero_grad()
-    loss = _cross_entropy(model(tokens), targets, every_position=True)
-    loss.backward()
-    optimizer.step()
-    return loss.item()
+    summed = F.cross_entropy(model(tokens).flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    return train.step_on_loss(optimizer, summed / targets.numel())
 
 
 def _step_loss_after_update(model, optimizer, tokens: Tensor, targets: Tensor) -> float:
-    optimizer.zero_grad()
-    _cross_entropy(model(tokens), targets).backward()
-    optimizer.step()
+    train.train_step(model, optimizer, tokens, targets)
     with torch.no_grad():
-        return _cross_entropy(model(tokens), targets).item()
+        return train.loss_fn(model(tokens), targets).item()
 
 
 def _train_steps(step: Callable, seed: int, batches: list, learner: Attempt | None = None) -> tuple[list, list[Tensor]]:
@@ -219,16 +213,13 @@ def _loss_curve_cases() -> list[Case]:
     return cases
 
 
-def _steps_below_mistake(losses: list[float], threshold: float, strict: bool = True, shift: int = 0,
-                         settled: bool = True) -> tuple[int, int]:
-    below = [(loss < threshold) if strict else (loss <= threshold) for loss in losses]
-    first = below.index(True) + shift if True in below else -1
-    if not settled:
-        return first, first
-    stay = len(below)
-    while stay > 0 and below[stay - 1]:
-        stay -= 1
-    return first, (stay + shift if stay < len(below) else -1)
+def _counted_from_1(losses: list[float], threshold: float) -> tuple[int, int]:
+    return tuple(step + 1 if step >= 0 else -1 for step in train.steps_below(losses, threshold))
+
+
+def _first_for_both(losses: list[float], threshold: float) -> tuple[int, int]:
+    first, _ = train.steps_below(losses, threshold)
+    return first, first
 
 
 check_steps_below = exercise(
@@ -240,14 +231,14 @@ check_steps_below = exercise(
     mistakes=(
         Mistake("steps counted from 1",
                 "the first loss in the list is the loss of step 0.",
-                lambda losses, threshold: _steps_below_mistake(losses, threshold, shift=1)),
+                _counted_from_1),
         Mistake("'at or below' instead of 'below'",
                 "a loss exactly equal to the threshold is not below it.",
-                lambda losses, threshold: _steps_below_mistake(losses, threshold, strict=False)),
+                lambda losses, threshold: train.steps_below(losses, math.nextafter(threshold, math.inf))),
         Mistake("the first step below, given for both",
                 "a noisy loss curve dips below the threshold and comes back up; the second figure is the step "
                 "after which it never comes back.",
-                lambda losses, threshold: _steps_below_mistake(losses, threshold, settled=False)),
+                _first_for_both),
     ))
 
 

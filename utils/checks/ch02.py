@@ -90,11 +90,8 @@ def _max_lists() -> list[Case]:
             for n in (6, 4)]
 
 
-def _last_direct(model, tokens: Tensor, position: int | None = None, pos: bool = True, bias: bool = True) -> Tensor:
-    """The direct path at one position, written out plainly (with the pieces a mistake drops)."""
-    i = tokens.shape[-1] - 1 if position is None else position
-    resid = model.W_E[tokens[:, i]] + (model.W_pos[i] if pos else 0)
-    return resid @ model.W_U + (model.b_U if bias else 0)
+def _without_w_pos(model, tokens: Tensor) -> Tensor:
+    return circuits.direct_path_logits(model, tokens) - model.W_pos[tokens.shape[-1] - 1] @ model.W_U
 
 
 check_direct_path_logits = exercise(
@@ -105,13 +102,13 @@ check_direct_path_logits = exercise(
     mistakes=(
         Mistake("the token's embedding without W_pos",
                 "the residual stream at a position starts as the token's embedding plus the position's.",
-                lambda model, tokens: _last_direct(model, tokens, pos=False)),
+                _without_w_pos),
         Mistake("the first position instead of the last",
                 "the model answers at the last position of each list: read its token and its position.",
-                lambda model, tokens: _last_direct(model, tokens, position=0)),
+                lambda model, tokens: circuits.direct_path_logits(model, tokens[:, :1])),
         Mistake("the logits without the unembedding bias b_U",
                 "no head writes the bias, so count it with the direct path: then the terms add up to the logits.",
-                lambda model, tokens: _last_direct(model, tokens, bias=False)),
+                lambda model, tokens: circuits.direct_path_logits(model, tokens) - model.b_U),
         Mistake("the last position of the context, not of the list",
                 "on a list shorter than n_ctx the last position is the list's own last index.",
                 lambda model, tokens: (model.W_E[tokens[:, -1]] + model.W_pos[-1]) @ model.W_U + model.b_U),
@@ -123,18 +120,17 @@ def _boost_lists() -> list[Case]:
     return [("on a fresh max_of_list model, 300 lists of length 6", (model, torch.randint(0, 64, (300, 6))))]
 
 
-def _boosts(model, tokens: Tensor, direct: Tensor | None = None, head: Tensor | None = None,
-            over_lists: bool = False) -> tuple[float, float]:
-    """(direct, head) boosts to the correct logit, written out plainly, with the pieces a mistake swaps."""
-    _, cache = model.run_with_cache(tokens)
-    direct = _last_direct(model, tokens) if direct is None else direct
-    head = cache["attn_out", 0][:, -1] @ model.W_U if head is None else head
-    answer = tokens.max(-1).values
+def _boosts(model, tokens: Tensor, direct: Tensor | None = None, head: Tensor | None = None) -> tuple[float, float]:
+    """The reference's two boosts, with the direct path's or the head's term swapped for a mistaken one."""
+    answer, (right_direct, right_head) = tokens.max(-1).values, circuits.logit_terms(model, tokens)
+    return (circuits.correct_logit_boost(right_direct if direct is None else direct, answer),
+            circuits.correct_logit_boost(right_head if head is None else head, answer))
 
-    def boost(x: Tensor) -> float:
-        baseline = x.mean(0)[answer] if over_lists else x.mean(-1)
-        return (x[torch.arange(len(x)), answer] - baseline).mean().item()
-    return boost(direct), boost(head)
+
+def _boosts_against_the_mean_over_lists(model, tokens: Tensor) -> tuple[float, float]:
+    answer = tokens.max(-1).values
+    return tuple((x[torch.arange(len(x)), answer] - x.mean(0)[answer]).mean().item()
+                 for x in circuits.logit_terms(model, tokens))
 
 
 check_logit_boosts = exercise(
@@ -146,16 +142,18 @@ check_logit_boosts = exercise(
     mistakes=(
         Mistake("the direct path without W_pos",
                 "the position's embedding is in the residual stream too, and reaches the unembedding directly.",
-                lambda model, tokens: _boosts(model, tokens, direct=_last_direct(model, tokens, pos=False))),
+                lambda model, tokens: _boosts(model, tokens, direct=_without_w_pos(model, tokens))),
         Mistake("the direct path at the first position",
                 "both terms must be read where the model answers, at the last position.",
-                lambda model, tokens: _boosts(model, tokens, direct=_last_direct(model, tokens, position=0))),
+                lambda model, tokens: _boosts(model, tokens,
+                                              direct=circuits.direct_path_logits(model, tokens[:, :1]))),
         Mistake("the direct path without b_U",
                 "count the unembedding bias with the direct path, so that the two terms add up to the logits.",
-                lambda model, tokens: _boosts(model, tokens, direct=_last_direct(model, tokens, bias=False))),
+                lambda model, tokens: _boosts(model, tokens,
+                                              direct=circuits.direct_path_logits(model, tokens) - model.b_U)),
         Mistake("the mean logit over the lists instead of over the vocabulary",
                 "a boost compares the correct logit with the other logits of the same list.",
-                lambda model, tokens: _boosts(model, tokens, over_lists=True)),
+                _boosts_against_the_mean_over_lists),
         Mistake("the head's term taken from the whole logits",
                 "the logits already contain the direct path; the head's own term is its output times W_U.",
                 lambda model, tokens: _boosts(model, tokens, head=model(tokens)[:, -1])),
@@ -168,15 +166,17 @@ def _ablation_lists() -> list[Case]:
 
 
 def _ablated(model, tokens: Tensor, replace: Callable) -> Tensor:
-    """Head's output plus `replace(embeddings)` at the last position, unembedded, [batch, vocab]."""
+    """The reference's logits with the embeddings' mean over the lists swapped for `replace(embeddings)`."""
     _, cache = model.run_with_cache(tokens)
-    return (cache["attn_out", 0][:, -1] + replace(cache["resid_pre", 0])) @ model.W_U + model.b_U
+    embeddings = cache["resid_pre", 0]
+    swapped = replace(embeddings) - embeddings[:, -1].mean(0)
+    return circuits.logits_without_direct_path(model, tokens) + swapped @ model.W_U
 
 
 def _ablated_upstream(model, tokens: Tensor) -> Tensor:
-    def mean_embeddings(resid: Tensor, hook) -> Tensor:
-        return resid.mean(0, keepdim=True).expand_as(resid)
-    return model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_resid_pre", mean_embeddings)])[:, -1]
+    """Every list's embeddings replaced by their mean before the head reads them."""
+    return model.run_with_hooks(tokens, fwd_hooks=[
+        ("blocks.0.hook_resid_pre", lambda resid, hook: resid.mean(0, keepdim=True).expand_as(resid))])[:, -1]
 
 
 check_logits_without_direct_path = exercise(

@@ -23,11 +23,6 @@ def _max_of_list_model() -> list[Case]:
     return [("on a freshly initialised max_of_list model", (fresh_model("max_of_list"),))]
 
 
-def _token_qk(model, scale: bool = True) -> Tensor:
-    scores = model.W_E @ model.W_Q[0, 0] @ model.W_K[0, 0].T @ model.W_E.T
-    return scores / model.cfg.d_head ** 0.5 if scale else scores
-
-
 check_token_qk_circuit = exercise(
     "3.1", "the token-only QK circuit", circuits.full_qk_tokens, function="token_qk_circuit",
     kind="implementation", cases=_max_of_list_model, atol=1e-4,
@@ -36,10 +31,10 @@ check_token_qk_circuit = exercise(
     mistakes=(
         Mistake("the map transposed (rows are key tokens)",
                 "row q must hold the scores query token q gives every key token, so the query's side comes first.",
-                lambda model: _token_qk(model).T),
+                lambda model: circuits.full_qk_tokens(model).T),
         Mistake("the score without the head's 1/sqrt(d_head) scale",
                 "the head divides every query-key dot product by the square root of d_head before the softmax.",
-                lambda model: _token_qk(model, scale=False)),
+                lambda model: circuits.full_qk_tokens(model, scale=False)),
         Mistake("W_Q and W_K without the embedding",
                 "the map is from tokens to tokens, so each side starts from the token embedding.",
                 lambda model: model.W_Q[0, 0] @ model.W_K[0, 0].T / model.cfg.d_head ** 0.5),
@@ -103,13 +98,8 @@ check_copying_score = exercise(
 def _ordering_cases() -> list[Case]:
     maps = [("an increasing map", torch.arange(5.0).repeat(3, 1)), ("a decreasing map", -torch.arange(5.0).repeat(3, 1)),
             ("a random 7 x 9 map", torch.randn(7, 9)), ("a map with ties", torch.tensor([[0.0, 1.0, 1.0], [2.0, 0.0, 3.0]])),
-            ("the token-only QK map of a fresh model", _token_qk(fresh_model("max_of_list")).detach())]
+            ("the token-only QK map of a fresh model", circuits.full_qk_tokens(fresh_model("max_of_list")).detach())]
     return [(f"on {where}", (scores,)) for where, scores in maps]
-
-
-def _pairs_share(scores: Tensor, wins: Tensor, diagonal: int = 1) -> float:
-    n = scores.shape[-1]
-    return wins[:, torch.triu(torch.ones(n, n, dtype=torch.bool), diagonal=diagonal)].float().mean().item()
 
 
 check_fraction_ordered = exercise(
@@ -120,13 +110,13 @@ check_fraction_ordered = exercise(
     mistakes=(
         Mistake("ties counted as ordered",
                 "a key that only matches a smaller key's score is not preferred to it: count strict wins only.",
-                lambda s: _pairs_share(s, s[:, None, :] >= s[:, :, None])),
+                lambda s: 1.0 - circuits.fraction_ordered(-s)),  # c >= b: every pair but those where b wins
         Mistake("each key compared with itself too",
                 "a key never beats itself, so the pairs b = c only dilute the share: take b < c.",
-                lambda s: _pairs_share(s, s[:, None, :] > s[:, :, None], diagonal=0)),
+                lambda s: circuits.fraction_ordered(s) * (s.shape[-1] - 1) / (s.shape[-1] + 1)),  # n more pairs, none won
         Mistake("the map read by columns",
                 "rows are query tokens and the comparisons run along a row, between key tokens.",
-                lambda s: _pairs_share(s.T, s.T[:, None, :] > s.T[:, :, None])),
+                lambda s: circuits.fraction_ordered(s.T)),
         Mistake("neighbouring keys only",
                 "the question is about every pair b < c, not only c = b + 1: a row can rise step by step and "
                 "still rank far-apart keys wrongly, and the other way round.",
@@ -144,18 +134,9 @@ def _agreement_cases() -> list[Case]:
             ("on the noisy checkpoint, lists of 5 tokens below 16", (noisy_model("max_of_list", 0.3), lists[2]))]
 
 
-def _last_row_choice(model, lists: Tensor) -> Tensor:
-    _, cache = model.run_with_cache(lists, names_filter="blocks.0.attn.hook_pattern")
-    return cache["pattern", 0][:, 0, -1].argmax(-1)
-
-
-def _token_choice(model, lists: Tensor, query: Tensor, transposed: bool = False) -> Tensor:
-    qk = _token_qk(model)
-    return (qk.T if transposed else qk)[query, lists].argmax(-1)
-
-
-def _same_token(lists: Tensor, i: Tensor, j: Tensor) -> float:
-    return (lists.gather(1, i[:, None]) == lists.gather(1, j[:, None])).float().mean().item()
+def _agreement(model, lists: Tensor, qk: Tensor, query: Tensor) -> float:
+    """The reference's agreement with the token-only choice made from map `qk` for query tokens `query`."""
+    return circuits.same_token_share(lists, circuits.best_key(qk, query, lists), circuits.attended_key(model, lists))
 
 
 check_token_only_agreement = exercise(
@@ -167,22 +148,20 @@ check_token_only_agreement = exercise(
     mistakes=(
         Mistake("the first position taken as the query",
                 "the model predicts the maximum at the last position, so the query token is the list's last one.",
-                lambda model, lists: _same_token(lists, _token_choice(model, lists, lists[:, :1]),
-                                                 _last_row_choice(model, lists))),
+                lambda model, lists: _agreement(model, lists, circuits.full_qk_tokens(model), lists[:, :1])),
         Mistake("the token-only map read with query and key swapped",
                 "rows of the map are query tokens, columns key tokens: index the row by the query.",
-                lambda model, lists: _same_token(lists, _token_choice(model, lists, lists[:, -1:], transposed=True),
-                                                 _last_row_choice(model, lists))),
+                lambda model, lists: _agreement(model, lists, circuits.full_qk_tokens(model).T, lists[:, -1:])),
         Mistake("the token-only choice compared with the list's maximum",
                 "the question is whether the map explains the model's choice (its attention pattern), not whether "
                 "it solves the task.",
-                lambda model, lists: (lists.gather(1, _token_choice(model, lists, lists[:, -1:])[:, None])[:, 0]
-                                      == lists.max(-1).values).float().mean().item()),
+                lambda model, lists: circuits.same_token_share(
+                    lists, circuits.best_key(circuits.full_qk_tokens(model), lists[:, -1:], lists), lists.argmax(-1))),
         Mistake("positions compared instead of tokens",
                 "the token-only map cannot tell two copies of a token apart; when a list repeats a token, either "
                 "copy is the same key token.",
-                lambda model, lists: (_token_choice(model, lists, lists[:, -1:])
-                                      == _last_row_choice(model, lists)).float().mean().item()),
+                lambda model, lists: (circuits.best_key(circuits.full_qk_tokens(model), lists[:, -1:], lists)
+                                      == circuits.attended_key(model, lists)).float().mean().item()),
     ))
 
 
@@ -199,24 +178,21 @@ def _mix_cases() -> list[Case]:
             ("on a fresh model with alpha = 1.5, beta = 0.5", (fresh, c, d, 1.5, 0.5))]
 
 
-def _mix_logits(model, a, b, alpha, beta, freeze: tuple = ("mix", "a", "b"), scale_pos: bool = False):
-    """(logits of the mix, of a, of b), each with a's pattern frozen where `freeze` says so."""
-    _, cache = model.run_with_cache(a, names_filter="blocks.0.attn.hook_pattern")
-    frozen = [("blocks.0.attn.hook_pattern", lambda pattern, hook: cache["pattern", 0])]
-    mix = alpha * model.W_E[a] + beta * model.W_E[b]
-    hooks = [("hook_embed", lambda embed, hook: mix)]
-    if scale_pos:
-        hooks.append(("hook_pos_embed", lambda pos, hook: (alpha + beta) * pos))
-    mixed = model.run_with_hooks(a, fwd_hooks=hooks + (frozen if "mix" in freeze else []))
-    logits_a = model.run_with_hooks(a, fwd_hooks=frozen if "a" in freeze else [])
-    logits_b = model.run_with_hooks(b, fwd_hooks=frozen if "b" in freeze else [])
-    return mixed, alpha * logits_a + beta * logits_b
+def _mix_run_with_its_own_pattern(model, a, b, alpha, beta) -> float:
+    _, combined = circuits.frozen_mix_logits(model, a, b, alpha, beta)
+    mixed = circuits.logits_with_embeddings(model, a, alpha * model.W_E[a] + beta * model.W_E[b])
+    return (mixed - combined).abs().max().item()
 
 
-def _mix_gap(*args, reduce: str = "max", **kwargs) -> float:
-    mixed, combined = _mix_logits(*args, **kwargs)
-    gap = (mixed - combined).abs()
-    return (gap.max() if reduce == "max" else gap.mean()).item()
+def _b_with_its_own_pattern(model, a, b, alpha, beta) -> float:
+    mixed, combined = circuits.frozen_mix_logits(model, a, b, alpha, beta)
+    frozen_b = circuits.logits_with_frozen_pattern(model, b, circuits.attention_pattern_of(model, a))
+    return (mixed - (combined - beta * frozen_b + beta * model(b))).abs().max().item()
+
+
+def _mean_gap(*args) -> float:
+    mixed, combined = circuits.frozen_mix_logits(*args)
+    return (mixed - combined).abs().mean().item()
 
 
 check_frozen_mix_gap = exercise(
@@ -227,19 +203,19 @@ check_frozen_mix_gap = exercise(
     mistakes=(
         Mistake("the mixed input run with its own attention pattern",
                 "the claim is about the model with its pattern frozen: the run on the mix must use a's pattern too.",
-                lambda *args: _mix_gap(*args, freeze=("a", "b"))),
+                _mix_run_with_its_own_pattern),
         Mistake("b's logits taken with b's own pattern",
                 "all three runs share one frozen pattern (a's); with b's own the comparison mixes two different "
                 "linear maps.",
-                lambda *args: _mix_gap(*args, freeze=("mix", "a"))),
+                _b_with_its_own_pattern),
         Mistake("the whole residual stream mixed (W_pos scaled by alpha + beta as well)",
                 "the test is about the token embeddings: the positional embedding stays as the model adds it, "
                 "once, whatever the coefficients.",
-                lambda *args: _mix_gap(*args, scale_pos=True)),
+                lambda *args: circuits.frozen_mix_gap(*args, scale_pos=True)),
         Mistake("the mean deviation, not the largest",
                 "a test of an identity looks for the worst entry: take the largest absolute difference over the "
                 "batch, the positions and the logits.",
-                lambda *args: _mix_gap(*args, reduce="mean")),
+                _mean_gap),
     ))
 
 

@@ -15,19 +15,12 @@ from utils.checks.engine import (Attempt, Case, CheckFailed, Mistake, call_learn
 from utils.checks.fixtures import (fresh_model, noisy_addition, noisy_model, random_causal_pattern,
                                    random_models, smooth_curves)
 from utils.tasks import IGNORE
-from utils.checks.ch03 import _token_qk
 
 def _positional_cases() -> list[Case]:
     noisy, fresh = noisy_model("max_of_list", 0.1), fresh_model("max_of_list")
     return [("on a noisy checkpoint at query position 5, key position 2", (noisy, 5, 2)),
             ("on a noisy checkpoint at query position 4, key position 0", (noisy, 4, 0)),
             ("on a fresh model at query position 3, key position 3", (fresh, 3, 3))]
-
-
-def _pos_qk(model, q: int, k: int, key_side: int | None = None, scale: bool = True) -> Tensor:
-    queries = (model.W_E + model.W_pos[q]) @ model.W_Q[0, 0]
-    keys = (model.W_E + model.W_pos[k if key_side is None else key_side]) @ model.W_K[0, 0]
-    return queries @ keys.T / (model.cfg.d_head ** 0.5 if scale else 1.0)
 
 
 check_positional_qk_circuit = exercise(
@@ -38,41 +31,34 @@ check_positional_qk_circuit = exercise(
     mistakes=(
         Mistake("the token-only map (the positional embeddings left out)",
                 "each side of the score starts from the residual stream at its own position, token plus position.",
-                lambda model, q, k: _token_qk(model)),
+                lambda model, q, k: circuits.full_qk_tokens(model)),
         Mistake("the query's position added on the key side too",
                 "the key sits at key_pos, so its residual stream carries the key position's embedding.",
-                lambda model, q, k: _pos_qk(model, q, k, key_side=q)),
+                lambda model, q, k: circuits.full_qk_positional(model, q, q)),
         Mistake("the score without the head's 1/sqrt(d_head) scale",
                 "the head divides every query-key dot product by the square root of d_head before the softmax.",
-                lambda model, q, k: _pos_qk(model, q, k, scale=False)),
+                lambda model, q, k: circuits.full_qk_positional(model, q, k, scale=False)),
         Mistake("the two positions swapped",
                 "rows are query tokens at query_pos, columns key tokens at key_pos.",
-                lambda model, q, k: _pos_qk(model, k, q)),
+                lambda model, q, k: circuits.full_qk_positional(model, k, q)),
     ))
 
 
-def _terms(model, q: int, k: int, scale: bool = True, query_means: str = "query", key_means: str = "key",
-           centre_tokens: bool = True, centre: bool = True, key_pos_on_query: bool = False) -> dict[str, Tensor]:
-    """The nine QK terms as a learner might build them, with one slip or none.
+def _terms(model, q: int, k: int, query: dict | None = None, key: dict | None = None) -> dict[str, Tensor]:
+    """The nine terms of the reference, with one side's split replaced."""
+    return circuits.qk_terms_of_parts(model, query or circuits.residual_parts(model, q, "query"),
+                                      key or circuits.residual_parts(model, k, "key"))
 
-    `query_means` / `key_means` name the positions a side's positional mean runs over ("query": 1 .. n_ctx - 1,
-    "key" or "all": every position); without `centre` the embeddings are split as stored (no shared part).
-    """
-    s = model.cfg.d_head ** 0.5 if scale else 1.0
-    n = model.cfg.d_vocab
 
-    def parts(pos: int, means: str) -> dict[str, Tensor]:
-        if not centre:
-            zero = torch.zeros_like(model.W_E)
-            return {"const": zero, "token": model.W_E, "pos": model.W_pos[pos].expand(n, -1)}
-        mean_pos = (model.W_pos[1:] if means == "query" else model.W_pos).mean(0)
-        mean_token = model.W_E.mean(0) if centre_tokens else torch.zeros_like(mean_pos)
-        return {"const": (mean_token + mean_pos).expand(n, -1), "token": model.W_E - mean_token,
-                "pos": (model.W_pos[pos] - mean_pos).expand(n, -1)}
+def _uncentred(model, pos: int) -> dict[str, Tensor]:
+    """The embeddings as stored, with an empty shared part."""
+    return {"const": torch.zeros_like(model.W_E), **circuits.stored_parts(model, pos)}
 
-    queries = {a: v @ model.W_Q[0, 0] for a, v in parts(k if key_pos_on_query else q, query_means).items()}
-    keys = {b: v @ model.W_K[0, 0] for b, v in parts(k, key_means).items()}
-    return {f"{a}·{b}": (queries[a] @ keys[b].T / s).clone() for a in queries for b in keys}
+
+def _tokens_uncentred(model, pos: int, side: str) -> dict[str, Tensor]:
+    """The course's split with the mean token embedding moved from the shared part back into the tokens'."""
+    parts, mean_token = circuits.residual_parts(model, pos, side), model.W_E.mean(0)
+    return {"const": parts["const"] - mean_token, "token": parts["token"] + mean_token, "pos": parts["pos"]}
 
 
 check_qk_terms = exercise(
@@ -84,38 +70,34 @@ check_qk_terms = exercise(
     mistakes=(
         Mistake("the terms without the head's 1/sqrt(d_head) scale",
                 "the nine terms must add up to the scaled score of Exercise 4.1, so each carries the scale.",
-                lambda model, q, k: _terms(model, q, k, scale=False)),
+                lambda model, q, k: {name: term * model.cfg.d_head ** 0.5
+                                     for name, term in circuits.qk_score_terms(model, q, k).items()}),
         Mistake("the embeddings split as stored, with no shared part taken out",
                 "a vector every query shares can sit in W_E or in W_pos without changing the model; take the means "
                 "out of both into the shared part, so the token and position parts hold only what differs.",
-                lambda model, q, k: _terms(model, q, k, centre=False)),
+                lambda model, q, k: _terms(model, q, k, _uncentred(model, q), _uncentred(model, k))),
         Mistake("the token embeddings left uncentred",
                 "the mean token embedding is shared by every query and every key as much as the positions' mean "
                 "is: it belongs in the shared part.",
-                lambda model, q, k: _terms(model, q, k, centre_tokens=False)),
+                lambda model, q, k: _terms(model, q, k, _tokens_uncentred(model, q, "query"),
+                                           _tokens_uncentred(model, k, "key"))),
         Mistake("the query side's positional mean taken over position 0 too",
                 "a query at position 0 sees only itself and chooses nothing: the query side's mean runs over the "
                 "positions whose attention chooses between keys.",
-                lambda model, q, k: _terms(model, q, k, query_means="all")),
+                lambda model, q, k: _terms(model, q, k, query=circuits.residual_parts(model, q, "key"))),
         Mistake("the key side's positional mean taken over the query positions only",
                 "a key can sit at any position a list holds, position 0 included.",
-                lambda model, q, k: _terms(model, q, k, key_means="query")),
+                lambda model, q, k: _terms(model, q, k, key=circuits.residual_parts(model, k, "query"))),
         Mistake("the key position's embedding on the query side",
                 "the query sits at query_pos: its position part comes from that position's embedding.",
-                lambda model, q, k: _terms(model, q, k, key_pos_on_query=True)),
+                lambda model, q, k: _terms(model, q, k, query=circuits.residual_parts(model, k, "query"))),
     ))
 
 
-def _term_table(model, q: int, k: int, strict_wins: bool = True, along: int = -1, scale: bool = True,
-                whole_map: bool = False) -> dict[str, tuple[float, float]]:
-    out = {}
-    for name, term in _terms(model, q, k, scale=scale).items():
-        n = term.shape[-1]
-        wins = term[:, None, :] > term[:, :, None] if strict_wins else term[:, None, :] >= term[:, :, None]
-        share = wins[:, torch.triu(torch.ones(n, n, dtype=torch.bool), diagonal=1)].float().mean().item()
-        spread = term.std().item() if whole_map else term.std(along).mean().item()
-        out[name] = (share, spread)
-    return out
+def _term_table(model, q: int, k: int, share: Callable = circuits.fraction_ordered,
+                spread: Callable = circuits.key_spread) -> dict[str, tuple[float, float]]:
+    """ordering_by_term with another share of ordered pairs or another spread."""
+    return {name: (share(term), spread(term)) for name, term in circuits.qk_score_terms(model, q, k).items()}
 
 
 def _term_cases() -> list[Case]:
@@ -133,48 +115,25 @@ check_ordering_by_term = exercise(
     mistakes=(
         Mistake("ties counted as ordered",
                 "a term that gives every key token the same score prefers none of them: count strict wins only.",
-                lambda model, q, k: _term_table(model, q, k, strict_wins=False)),
+                lambda model, q, k: _term_table(model, q, k, share=lambda term: 1.0 - circuits.fraction_ordered(-term))),
         Mistake("the spread taken down a column (over query tokens)",
                 "the question is how a term moves the keys against each other, so the spread runs over key tokens, "
                 "along a row.",
-                lambda model, q, k: _term_table(model, q, k, along=0)),
+                lambda model, q, k: _term_table(model, q, k, spread=lambda term: term.std(0).mean().item())),
         Mistake("the spread of the whole map, not along each row",
                 "a term that only changes from row to row moves no key against another; take the spread within "
                 "each row, then average.",
-                lambda model, q, k: _term_table(model, q, k, whole_map=True)),
+                lambda model, q, k: _term_table(model, q, k, spread=lambda term: term.std().item())),
         Mistake("terms without the head's 1/sqrt(d_head) scale",
                 "the spreads are in units of attention score, which the head scales before the softmax.",
-                lambda model, q, k: _term_table(model, q, k, scale=False)),
+                lambda model, q, k: {name: (share, spread * model.cfg.d_head ** 0.5)
+                                     for name, (share, spread) in circuits.ordering_by_term(model, q, k).items()}),
     ))
 
 
-def _margins(model, q: int, same_position: bool = False, own_key: bool = True, pin_query_key: bool = True,
-             floor: bool = True, reduce: str = "min") -> Tensor:
-    """Worst (or mean) margin by gap, [query token, gap], with one of a learner's slips or none."""
-    scores = torch.stack([_pos_qk(model, q, k) for k in range(q + 1)], dim=1)  # [t, k, v]
-    vocab, n = scores.shape[0], q + 1
-    t = torch.arange(vocab)[:, None, None, None]
-    k1, k2 = torch.arange(n)[None, :, None, None], torch.arange(n)[None, None, :, None]
-    out = torch.full((vocab, vocab), float("inf"))
-    for gap in range(1, vocab):
-        c = torch.arange(gap, vocab)
-        b = c - gap
-        margin = scores[:, :, None, c] - scores[:, None, :, b]
-        ok = (k1 == k2) if same_position else (k1 != k2)
-        if not own_key:
-            ok = ok & (k1 < q) & (k2 < q)
-        if pin_query_key:
-            ok = ok & ((k1 != q) | (c == t)) & ((k2 != q) | (b == t))
-        if floor:
-            ok = ok & (c >= t)
-        ok = ok.expand_as(margin)
-        if reduce == "min":
-            out[:, gap] = margin.masked_fill(~ok, float("inf")).flatten(1).min(-1).values
-        else:
-            count = ok.flatten(1).sum(-1)
-            mean = (margin * ok).flatten(1).sum(-1) / count.clamp(min=1)
-            out[:, gap] = torch.where(count > 0, mean, torch.tensor(float("inf")))
-    return out
+def _margins(model, q: int, rules: Callable) -> Tensor:
+    """worst_margin_by_gap over the configurations `rules(t, k1, k2, b, c)` allows (k1 != k2 always)."""
+    return circuits.worst_margin_by_gap(model, q, possible=lambda t, k1, k2, b, c: (k1 != k2) & rules(t, k1, k2, b, c))
 
 
 def _margin_cases() -> list[Case]:
@@ -195,47 +154,42 @@ check_worst_margin_by_gap = exercise(
         Mistake("both keys at one position (the within-map comparison)",
                 "the maximum competes with keys at other positions: the two keys of a pair sit at different "
                 "positions.",
-                lambda model, q: _margins(model, q, same_position=True)),
+                lambda model, q: circuits.worst_margin_by_gap(model, q, same_position=True)),
         Mistake("the query's own position left out of the keys",
                 "a query attends to itself too: key positions run up to and including the query's.",
-                lambda model, q: _margins(model, q, own_key=False)),
+                lambda model, q: _margins(model, q, lambda t, k1, k2, b, c: (k1 < q) & (k2 < q) & (c >= t))),
         Mistake("any token allowed at the query's position",
                 "the key at the query's own position holds the query token, whatever the rest of the list holds.",
-                lambda model, q: _margins(model, q, pin_query_key=False)),
+                lambda model, q: _margins(model, q, lambda t, k1, k2, b, c: c >= t)),
         Mistake("a larger key below the query token allowed",
                 "the larger key plays the list's maximum, and the query token is in the list, so it cannot be "
                 "larger than that key.",
-                lambda model, q: _margins(model, q, floor=False)),
+                lambda model, q: _margins(model, q, lambda t, k1, k2, b, c: ((k1 != q) | (c == t))
+                                          & ((k2 != q) | (b == t)))),
         Mistake("the mean margin, not the worst",
                 "a failure happens on the worst configuration, not on the average one: take the least margin.",
-                lambda model, q: _margins(model, q, reduce="mean")),
+                lambda model, q: circuits.worst_margin_by_gap(model, q, reduce="mean")),
     ))
 
 
-def _need(model, direct: bool = True, positions: bool = True, every_rival: bool = True,
-          over_positions: str = "min") -> Tensor:
-    """attention_needed as a learner might compute it, with one slip or none."""
-    vocab, n = model.cfg.d_vocab, model.cfg.n_ctx
-    pos = model.W_pos if positions else torch.zeros_like(model.W_pos)
-    ov = (model.W_E[None] + pos[:, None]) @ model.W_V[0, 0] @ model.W_O[0, 0] @ model.W_U  # [k, x, o]
-    diff = ov[:, :, :, None] - ov[:, :, None, :]  # [k, x, m, o]
-    lead = diff.min(0).values if over_positions == "min" else diff.mean(0)
-    tokens = torch.arange(vocab)
-    a, b = lead[tokens, tokens][:, None, :], lead.transpose(0, 1)  # [m, 1, o], [m, r, o]
-    if direct:
-        d_all = torch.stack([(model.W_E + pos[q]) @ model.W_U for q in range(1, n)])
-        d_lead = (d_all[:, :, :, None] - d_all[:, :, None, :]).min(0).values  # [t, m, o]
-        d_lead = d_lead.masked_fill(~(tokens[:, None, None] <= tokens[None, :, None]), float("inf"))
-        d = d_lead.min(0).values[:, None, :]
-    else:
-        d = torch.zeros(vocab, 1, vocab)
-    slope, needed = a - b, -(b + d)
-    p = torch.where(slope > 0, needed / slope, torch.where(a + d > 0, -torch.inf, torch.inf))
-    p = p.masked_fill(torch.eye(vocab, dtype=torch.bool)[:, None, :], -torch.inf)
-    if not every_rival:
-        p = p.masked_fill(~torch.eye(vocab, dtype=torch.bool)[None, :, :], -torch.inf)  # only o = r
-    need = p.max(-1).values.clamp(min=0.0)
-    return need.masked_fill(tokens[None, :] >= tokens[:, None], float("inf"))
+def _need(model, lead: Tensor | None = None, direct: Tensor | None = None, runner_up_only: bool = False) -> Tensor:
+    """attention_needed from its pieces, with the OV leads or the direct path's replaced, or one rival only."""
+    lead = circuits.worst_ov_lead(circuits.ov_logit_table(model)) if lead is None else lead
+    shares = circuits.shares_needed(lead, circuits.worst_direct_lead(model) if direct is None else direct)
+    if runner_up_only:
+        shares = shares.masked_fill(~torch.eye(shares.shape[0], dtype=torch.bool)[None], -torch.inf)
+    return circuits.need_from_shares(shares)
+
+
+def _without_positions(model):
+    """A copy of the max_of_list model with its positional embedding zeroed."""
+    state = {key: torch.zeros_like(w) if key == "pos_embed.weight" else w for key, w in model.state_dict().items()}
+    return models.model_from_state(dict(models.spec("max_of_list").config), state)
+
+
+def _mean_ov_lead(model) -> Tensor:
+    ov = circuits.ov_logit_table(model).mean(0)  # the mean over key positions of a difference is the difference
+    return ov[:, :, None] - ov[:, None, :]       # of the means
 
 
 def _need_cases() -> list[Case]:
@@ -254,17 +208,17 @@ check_attention_needed = exercise(
         Mistake("the direct path left out",
                 "the query's own embedding reaches the logits around the head, so it adds its own (worst) gap to "
                 "every line.",
-                lambda model: _need(model, direct=False)),
+                lambda model: _need(model, direct=torch.zeros(model.cfg.d_vocab, model.cfg.d_vocab))),
         Mistake("the positional embeddings left out",
                 "a key's value is read from token plus position, and so is the direct path: take the worst "
                 "position, not none.",
-                lambda model: _need(model, positions=False)),
+                lambda model: circuits.attention_needed(_without_positions(model))),
         Mistake("only the runner-up as a rival",
                 "the maximum must beat every other token's logit, not only the runner-up's.",
-                lambda model: _need(model, every_rival=False)),
+                lambda model: _need(model, runner_up_only=True)),
         Mistake("key positions averaged, not the worst",
                 "the maximum can sit at any position; a need that holds wherever it sits takes the worst one.",
-                lambda model: _need(model, over_positions="mean")),
+                lambda model: _need(model, lead=_mean_ov_lead(model))),
     ))
 
 
