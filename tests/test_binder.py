@@ -33,11 +33,19 @@ def test_binder_files_are_up_to_date() -> None:
     assert binder.find_problems(ROOT) == [], "run `python -m utils.binder`"
 
 
+def _tests_only_section(requirements: str) -> str:
+    """The block of requirements.txt whose comment starts "# tests only", up to the next blank line."""
+    return requirements.split("# tests only", 1)[1].split("\n\n", 1)[0]
+
+
 def test_binder_pins_match_requirements_with_cpu_torch() -> None:
     ours = pins((ROOT / "requirements.txt").read_text())
     theirs = pins((ROOT / "binder" / "requirements.txt").read_text())
     assert "torch" in ours and theirs["torch"] == ours["torch"] + "+cpu"
-    assert {k: v for k, v in theirs.items() if k != "torch"} == {k: v for k, v in ours.items() if k != "torch"}
+    tests_only = pins(_tests_only_section((ROOT / "requirements.txt").read_text()))
+    assert {"playwright", "pytest-xdist"} <= set(tests_only) and not set(tests_only) & set(theirs)
+    assert {k: v for k, v in theirs.items() if k != "torch"} == {k: v for k, v in ours.items()
+                                                                 if k != "torch" and k not in tests_only}
     text = (ROOT / "binder" / "requirements.txt").read_text()
     assert f"--extra-index-url {binder.CPU_INDEX}" in text.splitlines()
     assert not any(name.startswith(("nvidia", "cuda", "triton")) for name in theirs), "CUDA packages on Binder"

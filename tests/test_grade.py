@@ -190,7 +190,7 @@ def _submissions() -> dict[str, object]:
     return subs
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # (not "module": under xdist a worker may leave this module and come back to it)
 def graded_class(tmp_path_factory):
     """Grade the whole class at once, three at a time (one sleeps until the timeout), into a CSV; yields (learner -> report, csv rows, result)."""
     folder = tmp_path_factory.mktemp("class")
