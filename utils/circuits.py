@@ -829,11 +829,14 @@ def patch_key_path(model, tokens: Tensor, corrupted: Tensor, sources: list[int],
     (corrupted output - clean output) W_K to the key of each target head. `reader` "q" or "v"
     patches the same outputs into the queries or the values instead (for comparison).
     """
-    names = lambda name: name == get_act_name("z", 0)  # noqa: E731
-    _, clean = model.run_with_cache(tokens, names_filter=names)
-    _, dirty = model.run_with_cache(corrupted, names_filter=names)
-    change = sum((dirty["z", 0][:, :, h] - clean["z", 0][:, :, h]) @ model.W_O[0, h] for h in sources)
+    change = layer0_output(model, corrupted, sources) - layer0_output(model, tokens, sources)
     return model.run_with_hooks(tokens, fwd_hooks=[path_patch_hook(model, change, targets, reader)])
+
+
+def layer0_output(model, tokens: Tensor, heads: list[int]) -> Tensor:
+    """What the layer-0 heads `heads` write to the residual stream on `tokens`, summed, [batch, pos, d_model]."""
+    _, cache = model.run_with_cache(tokens, names_filter=lambda name: name == get_act_name("z", 0))
+    return sum(cache["z", 0][:, :, h] @ model.W_O[0, h] for h in heads)
 
 
 def path_patch_hook(model, change: Tensor, targets: list[int], reader: str = "k") -> tuple:
@@ -873,15 +876,19 @@ def correct_logit_attribution(model, tokens: Tensor, targets: Tensor) -> dict[st
     """
     from utils.tasks import IGNORE
 
+    wanted = targets[targets != IGNORE][:, None]
+    return {name: (logits - logits.mean(-1, keepdim=True)).gather(-1, wanted).mean().item()
+            for name, logits in component_logits(model, tokens, targets).items()}
+
+
+def component_logits(model, tokens: Tensor, targets: Tensor) -> dict[str, Tensor]:
+    """Each term of residual_components unembedded at the positions with a target, {name: [n, vocab]}."""
+    from utils.tasks import IGNORE
+
     keep = targets != IGNORE
     _, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith(("hook_embed", "hook_pos_embed",
                                                                                       "hook_z")))
-    shares = {}
-    for name, part in residual_components(model, cache).items():
-        logits = part[keep] @ model.W_U  # [n, vocab]
-        centred = logits - logits.mean(-1, keepdim=True)
-        shares[name] = centred.gather(-1, targets[keep][:, None]).mean().item()
-    return shares
+    return {name: part[keep] @ model.W_U for name, part in residual_components(model, cache).items()}
 
 
 # --------------------------------------------------------------------- chapter 06: the fibonacci model against the addition model
@@ -896,21 +903,32 @@ def accuracy_with_keys_dropped(model, tokens: Tensor, targets: Tensor, offsets, 
     each position that has any. offsets = range(2, n_ctx) keeps only the keys q - 1 and q.
     Runs `batch_size` inputs at a time (all 8,256 Fibonacci inputs at once peaked some 80 MB higher).
     """
-    from utils.tasks import IGNORE
-
     n = tokens.shape[1]
     q, k = torch.arange(n)[:, None], torch.arange(n)[None, :]
     dropped = torch.zeros(n, n, dtype=torch.bool)
     for d in offsets:
         dropped |= (q - k) == d
+    return accuracy_and_loss_by_position(model, tokens, targets, [(get_act_name("pattern", layer),
+                                                                   renormalised_without(dropped))], batch_size)
 
-    def drop(pattern, hook):
+
+def renormalised_without(dropped: Tensor):
+    """A hook on an attention pattern that zeroes the [query, key] entries `dropped` marks and renormalises each row."""
+    def drop(pattern: Tensor, hook) -> Tensor:
         kept = pattern.masked_fill(dropped, 0.0)
         return kept / kept.sum(-1, keepdim=True)
+    return drop
 
+
+def accuracy_and_loss_by_position(model, tokens: Tensor, targets: Tensor, fwd_hooks: list,
+                                  batch_size: int = 2048) -> dict[int, tuple[float, float]]:
+    """{position: (accuracy, mean cross-entropy)} over the targets != IGNORE, the model run with `fwd_hooks`."""
+    from utils.tasks import IGNORE
+
+    n = tokens.shape[1]
     right, loss, counted = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64), torch.zeros(n)
     for chunk, chunk_targets in zip(tokens.split(batch_size), targets.split(batch_size)):
-        logits = model.run_with_hooks(chunk, fwd_hooks=[(get_act_name("pattern", layer), drop)])
+        logits = model.run_with_hooks(chunk, fwd_hooks=fwd_hooks)
         for pos in range(n):
             keep = chunk_targets[:, pos] != IGNORE
             if keep.any():
@@ -934,8 +952,13 @@ def best_match(curves: Tensor, others: Tensor) -> Tensor:
     Neurons of two separately trained models are not numbered alike: this pairs each neuron
     with the one of the other model whose curve (over the same n inputs) it follows best, sign aside.
     """
+    return correlations(curves, others).abs().max(1).values.to(curves.dtype)
+
+
+def correlations(curves: Tensor, others: Tensor) -> Tensor:
+    """Pearson correlation of every column of `curves` [n, a] with every column of `others` [n, b], [a, b] (float64)."""
     def unit(x: Tensor) -> Tensor:
         x = x.double() - x.double().mean(0)
         return x / x.norm(dim=0).clamp(min=1e-12)
 
-    return (unit(curves).T @ unit(others)).abs().max(1).values.to(curves.dtype)
+    return unit(curves).T @ unit(others)

@@ -250,14 +250,23 @@ def phase_shifted(values: Tensor, phases: Tensor) -> Tensor:
     are real). With uniformly random phases this gives smooth random curves with exactly the
     spectrum, and so the smoothness, of `values`: frequency_power is the same, the shape is not.
     """
-    n = values.shape[0]
+    return spectrum_turned(values, torch.polar(torch.ones_like(phases, dtype=torch.float64), kept_real(phases, len(values))))
+
+
+def kept_real(phases: Tensor, n: int) -> Tensor:
+    """`phases` [n // 2 + 1, ...] with the angles of the real frequencies (the constant; n / 2 for even n) set to 0."""
     phases = phases.double().clone()
     phases[0] = 0.0
     if n % 2 == 0:
         phases[-1] = 0.0
+    return phases
+
+
+def spectrum_turned(values: Tensor, turn: Tensor) -> Tensor:
+    """Every column's real FFT along the first axis (orthonormal) multiplied by the complex factors `turn`
+    [n // 2 + 1, ...], and transformed back, [n, ...]."""
     spectrum = torch.fft.rfft(values.double(), dim=0, norm="ortho")
-    return torch.fft.irfft(spectrum * torch.polar(torch.ones_like(phases), phases), n=n, dim=0,
-                           norm="ortho").to(values.dtype)
+    return torch.fft.irfft(spectrum * turn, n=values.shape[0], dim=0, norm="ortho").to(values.dtype)
 
 
 # --------------------------------------------------------------------- chapter 05: three stories (clock, smooth curve, helix)

@@ -197,14 +197,18 @@ def logits_attention_on_max(model, lists: Tensor) -> Tensor:
     """The last position's logits [batch, vocab] of `lists` [batch, n] with its attention replaced:
     equal shares on every copy of the list's maximum, none elsewhere (a hook on the pattern)."""
     is_max = (lists == lists.max(-1, keepdim=True).values).float()
-    wanted = is_max / is_max.sum(-1, keepdim=True)  # [batch, key]
+    return logits_with_last_row(model, lists, is_max / is_max.sum(-1, keepdim=True))
 
-    def on_max(pattern, hook):
+
+def logits_with_last_row(model, lists: Tensor, row: Tensor) -> Tensor:
+    """The last position's logits [batch, vocab] with the last query's attention (every head) set to `row`
+    [batch, key]."""
+    def replace(pattern, hook):
         pattern = pattern.clone()
-        pattern[:, :, -1] = wanted[:, None]
+        pattern[:, :, -1] = row[:, None]
         return pattern
 
-    return model.run_with_hooks(lists, fwd_hooks=[("blocks.0.attn.hook_pattern", on_max)])[:, -1]
+    return model.run_with_hooks(lists, fwd_hooks=[("blocks.0.attn.hook_pattern", replace)])[:, -1]
 
 
 def logits_with_replacements(model, lists: Tensor, attention: bool = False, ov: bool = False,
@@ -278,7 +282,9 @@ def _largest_certified(ok: Tensor, t: int) -> Tensor:
 
 
 # ------------------------------------------------------------------ strategy 1: worst attention, worst margins
-def _least_attention(pieces: tuple[Tensor, Tensor, Tensor], lo: int, score_error: Tensor | None = None) -> Tensor:
+def least_attention_of_pieces(pieces: tuple[Tensor, Tensor, Tensor], lo: int, score_error: Tensor | None = None, *,
+                              displaced: bool = True, query_key: bool = True, one_rival: bool = False,
+                              at_worst: bool = True) -> Tensor:
     """Least share of the last position's attention on the maximum, [vocab (last token t), vocab (max m)].
 
     Over every list of the cell (t, m, lo). Extra copies of the maximum only raise its share, so the least
@@ -287,6 +293,10 @@ def _least_attention(pieces: tuple[Tensor, Tensor, Tensor], lo: int, score_error
     of a token <= lo at k and A_j the score of m at its position j, least over j (any j < q when t != m;
     j = q when t = m, and then every k < q holds a rival). With `score_error` [t, k, y], each score is moved
     against the maximum by up to its error (the float32 model's scores). 0 where no list fits the cell.
+
+    The keyword arguments give the shares of other accountings, which a checker names as mistakes: a rival
+    also at the maximum's own position (not `displaced`), no query key, a single rival key in all
+    (`one_rival`), the maximum at its best position (not `at_worst`).
     """
     scores = pieces[0].double()
     error = torch.zeros_like(scores) if score_error is None else score_error
@@ -299,14 +309,17 @@ def _least_attention(pieces: tuple[Tensor, Tensor, Tensor], lo: int, score_error
         rival = torch.full((vocab, max(q, 1)), -torch.inf, dtype=scores.dtype)[:, :q]
     own = high[:, q].diagonal()  # [t]: the query's own key, a rival when t != m
     # t = m: the maximum at the query, a rival at every position before it
+    if one_rival:
+        rival = rival.amax(-1, keepdim=True)
     at_query = 1 / (1 + (rival - low[:, q].diagonal()[:, None]).exp().sum(-1))  # [t]
     if q > 0:
         # t != m: the maximum at position j < q, rivals at the other positions before q and t at q
         before = low[:, :q]  # [t, j, m]
         others = rival[:, None, :, None] - before[:, :, None, :]  # [t, j, k, m]
-        others = others.masked_fill(torch.eye(q, dtype=torch.bool)[None, :, :, None], -torch.inf)
-        denominator = 1 + others.exp().sum(2) + (own[:, None, None] - before).exp()  # [t, j, m]
-        elsewhere = (1 / denominator).amin(1)  # [t, m]
+        if displaced and not one_rival:
+            others = others.masked_fill(torch.eye(q, dtype=torch.bool)[None, :, :, None], -torch.inf)
+        denominator = 1 + others.exp().sum(2) + (own[:, None, None] - before).exp() * query_key  # [t, j, m]
+        elsewhere = (1 / denominator).amin(1) if at_worst else (1 / denominator).amax(1)  # [t, m]
     else:
         elsewhere = torch.zeros(vocab, vocab, dtype=scores.dtype)
     share = torch.where(t == m, at_query[:, None], elsewhere)
@@ -314,9 +327,9 @@ def _least_attention(pieces: tuple[Tensor, Tensor, Tensor], lo: int, score_error
     return torch.where(fits, share, torch.zeros((), dtype=scores.dtype))
 
 
-def _margin_tables(pieces: tuple[Tensor, Tensor, Tensor]) -> dict[str, Tensor]:
+def margin_tables(pieces: tuple[Tensor, Tensor, Tensor]) -> dict[str, Tensor]:
     """The worst OV and direct-path leads strategy 1 mixes, once per length: "a" [t, m, c] (m at any k < q,
-    or at any k <= q when t = m), "b" [lo + 1, m, c] (a token <= lo at a k < q; 0 for lo = -1, where it does
+    or at any k <= q when t = m; "a_before_q": at any k < q in every case), "b" [lo + 1, m, c] (a token <= lo at a k < q; 0 for lo = -1, where it does
     not count), "lead_q" [t, m, c] (token t at q) and "d" [t, m, c] (the direct path's lead)."""
     scores, ov, direct = (x.double() for x in pieces)
     vocab, q = scores.shape[0], scores.shape[1] - 1
@@ -327,28 +340,31 @@ def _margin_tables(pieces: tuple[Tensor, Tensor, Tensor]) -> dict[str, Tensor]:
     none = torch.zeros(1, vocab, vocab, dtype=lead.dtype)  # no other token: p is 1 and b does not count
     b = torch.cat([none, lead[:q].amin(0).cummin(0).values if q > 0 else none.expand(vocab, -1, -1)])
     is_t = torch.eye(vocab, dtype=torch.bool)[:, :, None]  # [t, m, 1]: the list ends with its maximum
-    return {"a": torch.where(is_t, own.amin(0), a_any), "b": b, "lead_q": lead[q],
+    return {"a": torch.where(is_t, own.amin(0), a_any), "a_before_q": a_any, "b": b, "lead_q": lead[q],
             "d": direct[:, :, None] - direct[:, None, :]}
 
 
-def _least_margin(pieces: tuple[Tensor, Tensor, Tensor], lo: int, share: Tensor | None = None,
-                  allowance: Tensor | None = None, tables: dict[str, Tensor] | None = None) -> Tensor:
+def least_margin_of_pieces(pieces: tuple[Tensor, Tensor, Tensor], lo: int, share: Tensor | None = None,
+                           allowance: Tensor | None = None, tables: dict[str, Tensor] | None = None,
+                           capped: bool = True) -> Tensor:
     """Strategy 1's least logit margin of the maximum over every rival, [vocab (t), vocab (m)].
 
     min over c != m of D[t, m] - D[t, c] + min(p a + (1 - p) b, a), with p the least attention on the
-    maximum (`share`, _least_attention by default), a the least OV margin of m over c at any position m can
+    maximum (`share`, least_attention_of_pieces by default), a the least OV margin of m over c at any position m can
     hold, b the least OV margin over c of a token <= lo at a position k < q (and of t at q when t != m).
     With `allowance` [t, m, c], it is subtracted from the margin over c first. Positive means the cell is
-    certified; +inf where no list fits it. Sound because the margin is linear in the split p.
+    certified; +inf where no list fits it. Sound because the margin is linear in the split p. Without
+    `capped`, the mix is trusted even where b > a (not sound: a checker names it as a mistake).
     """
-    tables = _margin_tables(pieces) if tables is None else tables
+    tables = margin_tables(pieces) if tables is None else tables
     vocab = tables["d"].shape[0]
     tokens = torch.arange(vocab)
     a, b_rest = tables["a"], tables["b"][lo + 1]
-    p = (_least_attention(pieces, lo) if share is None else share)[:, :, None]  # [t, m, 1]
+    p = (least_attention_of_pieces(pieces, lo) if share is None else share)[:, :, None]  # [t, m, 1]
     is_t = torch.eye(vocab, dtype=torch.bool)[:, :, None]  # [t, m, 1]: the list ends with its maximum
     b = torch.where(is_t, b_rest, torch.minimum(b_rest, tables["lead_q"]))  # the query's own token t, when t != m
-    margin = tables["d"] + torch.minimum(p * a + (1 - p) * b, a)
+    mixed = p * a + (1 - p) * b
+    margin = tables["d"] + (torch.minimum(mixed, a) if capped else mixed)
     if allowance is not None:
         margin = margin - allowance
     out = margin.masked_fill(torch.eye(vocab, dtype=torch.bool), torch.inf).amin(-1)
@@ -358,14 +374,14 @@ def _least_margin(pieces: tuple[Tensor, Tensor, Tensor], lo: int, share: Tensor 
 
 def least_attention_on_max(model, n: int, lo: int) -> Tensor:
     """Strategy 1's least attention on the maximum for lists of length n whose other tokens are <= lo,
-    [vocab (last token t), vocab (maximum m)] (see _least_attention; 0 where no list fits)."""
-    return _least_attention(circuit_pieces(model, n), lo)
+    [vocab (last token t), vocab (maximum m)] (see least_attention_of_pieces; 0 where no list fits)."""
+    return least_attention_of_pieces(circuit_pieces(model, n), lo)
 
 
 def least_margin(model, n: int, lo: int) -> Tensor:
     """Strategy 1's least logit margin of the maximum for lists of length n whose other tokens are <= lo,
-    [vocab (t), vocab (m)] (see _least_margin; +inf where no list fits)."""
-    return _least_margin(circuit_pieces(model, n), lo)
+    [vocab (t), vocab (m)] (see least_margin_of_pieces; +inf where no list fits)."""
+    return least_margin_of_pieces(circuit_pieces(model, n), lo)
 
 
 def _margin_allowance(allowance: dict) -> Tensor:
@@ -387,8 +403,8 @@ def worst_case_bound(model, n: int, rounding: bool = True) -> dict:
     allowance = rounding_allowance(model, n) if rounding else None
     error = allowance["score"] if rounding else None
     margin_allowance = _margin_allowance(allowance) if rounding else None
-    tables = _margin_tables(pieces)
-    ok = torch.stack([_least_margin(pieces, lo, _least_attention(pieces, lo, error), margin_allowance, tables) > 0
+    tables = margin_tables(pieces)
+    ok = torch.stack([least_margin_of_pieces(pieces, lo, least_attention_of_pieces(pieces, lo, error), margin_allowance, tables) > 0
                       for lo in range(-1, vocab)], -1)  # [t, m, lo + 1]
     largest = torch.stack([_largest_certified(ok[t], t) for t in range(vocab)])
     return {"accuracy": certified_count(largest, n) / vocab**n, "largest_other": largest,

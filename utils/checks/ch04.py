@@ -12,7 +12,7 @@ from torch import Tensor
 from utils import circuits, fourier, models, proofs, tasks, train
 from utils.checks.engine import (Attempt, Case, CheckFailed, Mistake, call_learner, check_case, compare,
                                  compare_float, compare_tensors, copies, diagnosis, exercise, matches, passed)
-from utils.checks.fixtures import (fresh_model, noisy_addition, noisy_model, random_causal_pattern,
+from utils.checks.fixtures import (changed_copy, fresh_model, noisy_addition, noisy_model, random_causal_pattern,
                                    random_models, smooth_curves)
 from utils.tasks import IGNORE
 
@@ -181,12 +181,6 @@ def _need(model, lead: Tensor | None = None, direct: Tensor | None = None, runne
     return circuits.need_from_shares(shares)
 
 
-def _without_positions(model):
-    """A copy of the max_of_list model with its positional embedding zeroed."""
-    state = {key: torch.zeros_like(w) if key == "pos_embed.weight" else w for key, w in model.state_dict().items()}
-    return models.model_from_state(dict(models.spec("max_of_list").config), state)
-
-
 def _mean_ov_lead(model) -> Tensor:
     ov = circuits.ov_logit_table(model).mean(0)  # the mean over key positions of a difference is the difference
     return ov[:, :, None] - ov[:, None, :]       # of the means
@@ -212,7 +206,8 @@ check_attention_needed = exercise(
         Mistake("the positional embeddings left out",
                 "a key's value is read from token plus position, and so is the direct path: take the worst "
                 "position, not none.",
-                lambda model: circuits.attention_needed(_without_positions(model))),
+                lambda model: circuits.attention_needed(changed_copy(model, "max_of_list", "pos_embed.weight",
+                                                                           torch.zeros_like))),
         Mistake("only the runner-up as a rival",
                 "the maximum must beat every other token's logit, not only the runner-up's.",
                 lambda model: _need(model, runner_up_only=True)),

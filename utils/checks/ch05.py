@@ -12,18 +12,13 @@ from torch import Tensor
 from utils import circuits, fourier, models, proofs, tasks, train
 from utils.checks.engine import (Attempt, Case, CheckFailed, Mistake, call_learner, check_case, compare,
                                  compare_float, compare_tensors, copies, diagnosis, exercise, matches, passed)
-from utils.checks.fixtures import (fresh_model, noisy_addition, noisy_model, random_causal_pattern,
+from utils.checks.fixtures import (changed_copy, fresh_model, noisy_addition, noisy_model, random_causal_pattern,
                                    random_models, smooth_curves)
 from utils.tasks import IGNORE
 
 def _addition_model_cases() -> list[Case]:
     model = noisy_addition()
     return [(f"on a noisy addition checkpoint at source position {pos}", (model, pos)) for pos in (0, 1)]
-
-
-def _through_head(model, embedded: Tensor, v_first: bool = True) -> Tensor:
-    ov = model.W_V[0, 0] @ model.W_O[0, 0] if v_first else model.W_O[0, 0] @ model.W_V[0, 0]
-    return embedded @ ov @ model.W_in[0]
 
 
 check_token_to_neuron = exercise(
@@ -35,16 +30,17 @@ check_token_to_neuron = exercise(
     mistakes=(
         Mistake("the positional embedding left out",
                 "a token at a source position enters the head as its embedding plus that position's embedding.",
-                lambda model, pos: _through_head(model, model.W_E)),
+                lambda model, pos: circuits.token_to_neuron(model, pos)
+                - model.W_pos[pos] @ model.W_V[0, 0] @ model.W_O[0, 0] @ model.W_in[0]),
         Mistake("the other position's embedding",
                 "the positional embedding to add is the one of the source position the argument names.",
-                lambda model, pos: _through_head(model, model.W_E + model.W_pos[1 - pos])),
+                lambda model, pos: circuits.token_to_neuron(model, 1 - pos)),
         Mistake("the skip path, not the head",
                 "the map asked for goes through the head (value, then output weights) before the MLP reads it.",
-                lambda model, pos: (model.W_E + model.W_pos[pos]) @ model.W_in[0]),
+                lambda model, pos: circuits.direct_to_neuron(model, pos)),
         Mistake("W_O before W_V",
                 "the head first reads a value from the source token, then writes it to the residual stream.",
-                lambda model, pos: _through_head(model, model.W_E + model.W_pos[pos], v_first=False)),
+                lambda model, pos: (model.W_E + model.W_pos[pos]) @ model.W_O[0, 0] @ model.W_V[0, 0] @ model.W_in[0]),
     ))
 
 
@@ -54,14 +50,18 @@ def _power_cases() -> list[Case]:
     return [(f"on a {tuple(v.shape)} input", (v,)) for v in inputs]
 
 
-def _power(values: Tensor, doubled: str = "pairs", norm: str | None = "ortho", squared: bool = True) -> Tensor:
-    power = torch.fft.rfft(values, dim=0, norm=norm).abs() ** (2 if squared else 1)
+def _mirrored(values: Tensor) -> Tensor:
+    """Which entries of frequency_power stand for a pair of frequencies (f and n - f), as a column [n // 2 + 1, 1...]."""
     n = values.shape[0]
-    if doubled == "pairs":
-        power[1:(n + 1) // 2] *= 2
-    elif doubled == "all":
-        power[1:] *= 2
-    return power
+    pairs = torch.zeros(n // 2 + 1, dtype=torch.bool)
+    pairs[1:(n + 1) // 2] = True
+    return pairs.reshape(-1, *[1] * (values.dim() - 1))
+
+
+def _nyquist_doubled(values: Tensor) -> Tensor:
+    """The reference with every frequency above 0 doubled: for even n, n / 2 as well."""
+    above_0 = (torch.arange(values.shape[0] // 2 + 1) > 0).reshape(_mirrored(values).shape)
+    return fourier.frequency_power(values) * torch.where(above_0 & ~_mirrored(values), 2.0, 1.0)
 
 
 check_frequency_power = exercise(
@@ -73,17 +73,17 @@ check_frequency_power = exercise(
     mistakes=(
         Mistake("the power without counting mirror frequencies twice",
                 "rfft keeps one of each pair of frequencies f and n - f; the entries must add up to the sum of squares.",
-                lambda values: _power(values, doubled="none")),
+                lambda values: fourier.frequency_power(values) / torch.where(_mirrored(values), 2.0, 1.0)),
         Mistake("the constant or the n / 2 frequency doubled too",
                 "only the frequencies 1 .. (n - 1) // 2 stand for a pair; the constant and, for even n, n / 2 have "
                 "no mirror.",
-                lambda values: _power(values, doubled="all")),
+                _nyquist_doubled),
         Mistake("the FFT without its orthonormal scaling",
                 "the default FFT grows with n: scale it so that the entries add up to the sum of squares.",
-                lambda values: _power(values, norm=None)),
+                lambda values: fourier.frequency_power(values) * values.shape[0]),
         Mistake("sizes of the coefficients, not their squares",
                 "power is a sum of squares: square the size of each coefficient.",
-                lambda values: _power(values, squared=False)),
+                lambda values: fourier.frequency_power(values).sqrt() * torch.where(_mirrored(values), 2 ** 0.5, 1.0)),
     ))
 
 

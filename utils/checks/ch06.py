@@ -12,7 +12,7 @@ from torch import Tensor
 from utils import circuits, fourier, models, proofs, tasks, train
 from utils.checks.engine import (Attempt, Case, CheckFailed, Mistake, call_learner, check_case, compare,
                                  compare_float, compare_tensors, copies, diagnosis, exercise, matches, passed)
-from utils.checks.fixtures import (fresh_model, noisy_addition, noisy_model, random_causal_pattern,
+from utils.checks.fixtures import (changed_copy, fresh_model, noisy_addition, noisy_model, random_causal_pattern,
                                    random_models, smooth_curves)
 from utils.tasks import IGNORE
 
@@ -26,12 +26,6 @@ def _position_only_cases() -> list[Case]:
     return cases
 
 
-def _pos_scores(model, scale: bool = True, transposed: bool = False, mean_token: bool = False) -> Tensor:
-    x = model.W_pos + (model.W_E.mean(0) if mean_token else 0)
-    scores = (x @ model.W_Q[0, 0]) @ (x @ model.W_K[0, 0]).T / (model.cfg.d_head ** 0.5 if scale else 1.0)
-    return scores.T if transposed else scores
-
-
 check_positional_qk_scores = exercise(
     "6.1", "the position-only QK circuit", circuits.positional_qk_scores, function="positional_qk_scores",
     kind="implementation", cases=_position_only_cases, atol=1e-4, rtol=1e-3,
@@ -41,13 +35,14 @@ check_positional_qk_scores = exercise(
     mistakes=(
         Mistake("the scores without the 1 / sqrt(d_head) scale",
                 "the model divides every attention score by the square root of the head dimension.",
-                lambda model: _pos_scores(model, scale=False)),
+                lambda model: circuits.positional_qk_scores(model) * model.cfg.d_head ** 0.5),
         Mistake("rows and columns swapped",
                 "rows are query positions (through W_Q), columns key positions (through W_K).",
-                lambda model: _pos_scores(model, transposed=True)),
+                lambda model: circuits.positional_qk_scores(model).T),
         Mistake("the mean token embedding added to every position",
                 "the question is what the positions alone contribute: leave the token embeddings out.",
-                lambda model: _pos_scores(model, mean_token=True)),
+                lambda model: circuits.positional_qk_scores(changed_copy(model, "fibonacci", "pos_embed.weight",
+                                                                         lambda w: w + model.W_E.mean(0)))),
     ))
 
 
@@ -61,27 +56,26 @@ def _dropped_cases() -> list[Case]:
             ("with the query's own key dropped", (model, tokens, targets, [0]))]
 
 
-def _dropped(model, tokens, targets, offsets, renormalise: bool = True, absolute: bool = False,
-             every_row: bool = False) -> dict:
+def _not_renormalised(model, tokens, targets, offsets) -> dict:
+    n = tokens.shape[1]
+    dropped = sum(torch.arange(n)[:, None] - torch.arange(n)[None, :] == d for d in offsets).bool()
+    hook = ("blocks.0.attn.hook_pattern", lambda pattern, hook: pattern.masked_fill(dropped, 0.0))
+    return circuits.accuracy_and_loss_by_position(model, tokens, targets, [hook])
+
+
+def _positions_dropped(model, tokens, targets, offsets) -> dict:
     n = tokens.shape[1]
     q, k = torch.arange(n)[:, None], torch.arange(n)[None, :]
-    mask = torch.zeros(n, n, dtype=torch.bool)
-    for d in offsets:
-        mask |= (k == d) & (k <= q) if absolute else (q - k) == d
+    dropped = sum((k == d) & (k <= q) for d in offsets).bool()
+    hook = ("blocks.0.attn.hook_pattern", circuits.renormalised_without(dropped))
+    return circuits.accuracy_and_loss_by_position(model, tokens, targets, [hook])
 
-    def hook(pattern, hook):
-        kept = pattern.masked_fill(mask, 0.0)
-        return kept / kept.sum(-1, keepdim=True) if renormalise else kept
 
-    logits = model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.attn.hook_pattern", hook)])
-    out = {}
-    for pos in range(n):
-        keep = targets[:, pos] != IGNORE
-        if keep.any():
-            right = logits[:, pos].argmax(-1) == targets[:, pos]
-            share = right.float().mean() if every_row else right[keep].float().mean()
-            out[pos] = (share.item(), F.cross_entropy(logits[keep, pos], targets[keep, pos]).item())
-    return out
+def _every_row_counted(model, tokens, targets, offsets) -> dict:
+    """The reference's accuracy over every row: a row without a target is never right."""
+    with_target = (targets != IGNORE).float().mean(0)
+    return {pos: (accuracy * with_target[pos].item(), loss)
+            for pos, (accuracy, loss) in circuits.accuracy_with_keys_dropped(model, tokens, targets, offsets).items()}
 
 
 check_accuracy_with_keys_dropped = exercise(
@@ -94,14 +88,14 @@ check_accuracy_with_keys_dropped = exercise(
         Mistake("the weights zeroed but the rows not renormalised",
                 "a row of attention must still add up to one, or the head writes a shrunken mix: divide by "
                 "what is left.",
-                lambda *args: _dropped(*args, renormalise=False)),
+                _not_renormalised),
         Mistake("key positions dropped, not distances back from the query",
                 "an offset d names the key q - d of each query position q, a different key at every position.",
-                lambda *args: _dropped(*args, absolute=True)),
+                _positions_dropped),
         Mistake("the padded rows counted as wrong answers",
                 "a sequence that has ended has no target at that position: count only the rows whose target "
                 "is not IGNORE.",
-                lambda *args: _dropped(*args, every_row=True)),
+                _every_row_counted),
     ))
 
 
@@ -113,12 +107,6 @@ def _agreement_pairs() -> list[Case]:
             ("the other way round", (add, fib, pairs))]
 
 
-def _answers_agree(model, other, pairs, position: int = 1, against_sum: bool = False, disagree: bool = False) -> float:
-    mine, theirs = model(pairs)[:, position].argmax(-1), other(pairs)[:, position].argmax(-1)
-    same = (mine == pairs.sum(-1)) & (theirs == pairs.sum(-1)) if against_sum else mine == theirs
-    return (~same if disagree else same).float().mean().item()
-
-
 check_answer_agreement = exercise(
     "6.3", "the two models, output for output", circuits.answer_agreement, function="answer_agreement",
     cases=_agreement_pairs, atol=1e-6,
@@ -127,13 +115,14 @@ check_answer_agreement = exercise(
     mistakes=(
         Mistake("the answers at position 0 compared",
                 "position 0 has seen only the first number; the sum is predicted at position 1.",
-                lambda model, other, pairs: _answers_agree(model, other, pairs, position=0)),
+                lambda model, other, pairs: circuits.answer_agreement(model, other, pairs, position=0)),
         Mistake("the share where both are right",
                 "two models can agree on the same wrong answer: compare them with each other, not with the sum.",
-                lambda model, other, pairs: _answers_agree(model, other, pairs, against_sum=True)),
+                lambda model, other, pairs: (torch.stack([each(pairs)[:, 1].argmax(-1) for each in (model, other)])
+                                             == pairs.sum(-1)).all(0).float().mean().item()),
         Mistake("the share of disagreement",
                 "the question is how often they agree.",
-                lambda model, other, pairs: _answers_agree(model, other, pairs, disagree=True)),
+                lambda model, other, pairs: 1.0 - circuits.answer_agreement(model, other, pairs)),
     ))
 
 
@@ -146,15 +135,6 @@ def _match_cases() -> list[Case]:
                 [-smooth[:, :4] + 0.5 * torch.randn(128, 4), smooth_curves(9) + 5.0], 1)))]
 
 
-def _matching(curves, others, centred: bool = True, absolute: bool = True, reduce: str = "max") -> Tensor:
-    def unit(x):
-        x = x.double() - (x.double().mean(0) if centred else 0)
-        return x / x.norm(dim=0)
-    corr = unit(curves).T @ unit(others)
-    corr = corr.abs() if absolute else corr
-    return (corr.max(1).values if reduce == "max" else corr.mean(1)).to(curves.dtype)
-
-
 check_best_match = exercise(
     "6.4", "neuron for neuron", circuits.best_match, function="best_match", cases=_match_cases, atol=1e-4,
     hint="correlate every column of the first map with every column of the second (each centred on its mean and "
@@ -163,13 +143,14 @@ check_best_match = exercise(
         Mistake("the signed correlation",
                 "a neuron whose curve is another's upside down reads the same feature; its output weights can "
                 "flip the sign: take the size of the correlation.",
-                lambda curves, others: _matching(curves, others, absolute=False)),
+                lambda curves, others: circuits.correlations(curves, others).max(1).values.to(curves.dtype)),
         Mistake("curves not centred (a cosine similarity)",
                 "a correlation is measured around each curve's mean; an offset shared by two curves is no match.",
-                lambda curves, others: _matching(curves, others, centred=False)),
+                lambda curves, others: (F.normalize(curves.double(), dim=0).T @ F.normalize(others.double(), dim=0))
+                .abs().max(1).values.to(curves.dtype)),
         Mistake("the mean correlation, not the best",
                 "each neuron is paired with the one other neuron it follows best.",
-                lambda curves, others: _matching(curves, others, reduce="mean")),
+                lambda curves, others: circuits.correlations(curves, others).abs().mean(1).to(curves.dtype)),
     ))
 
 
@@ -180,16 +161,10 @@ def _phase_cases() -> list[Case]:
             ("on smooth curves over 127 tokens", (odd, 2 * torch.pi * torch.rand(64, 6)))]
 
 
-def _shifted(values, phases, constant: bool = False, replace: bool = False, norms: tuple = ("ortho", "ortho")):
-    n = values.shape[0]
-    phases = phases.double().clone()
-    if not constant:
-        phases[0] = 0.0
-        if n % 2 == 0:
-            phases[-1] = 0.0
-    spectrum = torch.fft.rfft(values.double(), dim=0, norm=norms[0])
-    turned = torch.polar(spectrum.abs(), phases) if replace else spectrum * torch.polar(torch.ones_like(phases), phases)
-    return torch.fft.irfft(turned, n=n, dim=0, norm=norms[1]).to(values.dtype)
+def _given_the_angle(values: Tensor, phases: Tensor) -> Tensor:
+    """Each coefficient set to its size times the angle: turned by the angle less its own."""
+    own = torch.fft.rfft(values.double(), dim=0, norm="ortho").angle()
+    return fourier.spectrum_turned(values, torch.polar(torch.ones_like(own), fourier.kept_real(phases, len(values)) - own))
 
 
 check_phase_shifted = exercise(
@@ -201,13 +176,14 @@ check_phase_shifted = exercise(
     mistakes=(
         Mistake("the constant (or the n / 2 frequency) turned too",
                 "the constant is a real number; turning it changes the mean and throws part of it away.",
-                lambda values, phases: _shifted(values, phases, constant=True)),
+                lambda values, phases: fourier.spectrum_turned(values, torch.polar(torch.ones_like(phases.double()),
+                                                                                  phases.double()))),
         Mistake("each coefficient given the angle, not turned by it",
                 "turn each coefficient by its angle, so that the angle 0 gives the curve back.",
-                lambda values, phases: _shifted(values, phases, replace=True)),
+                _given_the_angle),
         Mistake("the forward and inverse FFT with different scalings",
                 "use the same normalisation both ways, or the curve comes back scaled.",
-                lambda values, phases: _shifted(values, phases, norms=("ortho", "backward"))),
+                lambda values, phases: fourier.phase_shifted(values, phases) / len(values) ** 0.5),
     ))
 
 

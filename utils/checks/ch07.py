@@ -12,7 +12,7 @@ from torch import Tensor
 from utils import circuits, fourier, models, proofs, tasks, train
 from utils.checks.engine import (Attempt, Case, CheckFailed, Mistake, call_learner, check_case, compare,
                                  compare_float, compare_tensors, copies, diagnosis, exercise, matches, passed)
-from utils.checks.fixtures import (fresh_model, noisy_addition, noisy_model, random_causal_pattern,
+from utils.checks.fixtures import (changed_copy, fresh_model, noisy_addition, noisy_model, random_causal_pattern,
                                    random_models, smooth_curves)
 from utils.tasks import IGNORE
 
@@ -27,13 +27,6 @@ def _one_layer_cases() -> list[Case]:
              (noisy_model("max_of_list", 0.1), torch.randint(0, 64, (7, n)), random_causal_pattern(7, 1, n)))]
 
 
-def _paths(model, tokens: Tensor, pattern: Tensor, positions: bool = True, transposed: bool = False) -> tuple:
-    embedded = model.W_E[tokens] + (model.W_pos[: tokens.shape[1]] if positions else 0)
-    mixing = pattern[:, 0].transpose(-1, -2) if transposed else pattern[:, 0]
-    head = torch.einsum("bqk,bkd->bqd", mixing, embedded @ model.W_V[0, 0]) @ model.W_O[0, 0] @ model.W_U
-    return embedded @ model.W_U, head
-
-
 def _direct_and_head(model, tokens: Tensor, pattern: Tensor) -> tuple[Tensor, Tensor]:
     paths = circuits.one_layer_path_logits(model, tokens, pattern)
     return paths["direct"], paths["head 0"]
@@ -45,13 +38,14 @@ def _direct_and_head(model, tokens: Tensor, pattern: Tensor) -> tuple[Tensor, Te
                "return the two paths as a tuple, direct first.",
           mistakes=(
               Mistake("W_pos left out", "the residual stream starts as the token embedding plus the positional "
-                      "embedding, and both paths carry both.", lambda m, t, p: _paths(m, t, p, positions=False)),
+                      "embedding, and both paths carry both.", lambda m, t, p: _direct_and_head(
+                          changed_copy(m, "max_of_list", "pos_embed.weight", torch.zeros_like), t, p)),
               Mistake("the pattern read with queries and keys swapped",
                       "pattern[b, h, q, k] is how much query q takes from key k: sum over the last axis.",
-                      lambda m, t, p: _paths(m, t, p, transposed=True)),
+                      lambda m, t, p: _direct_and_head(m, t, p.transpose(-1, -2))),
               Mistake("the two paths added into one tensor",
                       "the exercise asks for each path on its own, as a tuple (direct, head): their sum is the "
-                      "logits, which the model already gives.", lambda m, t, p: sum(_paths(m, t, p))),
+                      "logits, which the model already gives.", lambda m, t, p: sum(_direct_and_head(m, t, p))),
           ))
 def check_one_layer_path_logits(fn: Callable, ex: Attempt) -> None:
     # the reference returns a dict of named paths, the learner a tuple (direct, head)
@@ -101,10 +95,6 @@ def _induction_attention_cases() -> list[Case]:
             for batch, heads, half in [(6, 2, 4), (3, 3, 5)]]
 
 
-def _attention_at(pattern: Tensor, queries: Tensor, keys: Tensor) -> Tensor:
-    return pattern[:, :, queries, keys].mean(dim=(0, 2))
-
-
 check_induction_attention = exercise(
     "7.3", "induction attention", circuits.induction_attention, function="induction_attention",
     kind="implementation", cases=_induction_attention_cases, atol=1e-6,
@@ -114,14 +104,13 @@ check_induction_attention = exercise(
         Mistake("the previous position (a previous-token head's key)",
                 "an induction head looks at what came after the earlier copy of the current token, not at the "
                 "position just before the query.",
-                lambda p, half: _attention_at(p, torch.arange(half, p.shape[-1]), torch.arange(half, p.shape[-1]) - 1)),
+                lambda p, half: circuits.attention_to_offset(p[:, :, half - 1:, half - 1:], 1)),
         Mistake("the earlier occurrence of the same token",
                 "the head copies the token that followed the earlier occurrence, one position later.",
-                lambda p, half: _attention_at(p, torch.arange(half, p.shape[-1]), torch.arange(half, p.shape[-1]) - half)),
+                lambda p, half: circuits.attention_to_offset(p, half)),
         Mistake("the last query of the first copy counted too",
                 "only queries in the second copy (from position half on) have an earlier occurrence to look back to.",
-                lambda p, half: _attention_at(p, torch.arange(half - 1, p.shape[-1]),
-                                              torch.arange(half - 1, p.shape[-1]) - half + 1)),
+                lambda p, half: circuits.attention_to_offset(p, half - 1)),
     ))
 
 
@@ -135,27 +124,15 @@ def _patch_cases() -> list[Case]:
 
 
 def _patched_everywhere(model, tokens, corrupted, sources, targets) -> Tensor:
-    names = lambda name: name == "blocks.0.attn.hook_z"  # noqa: E731
-    _, clean = model.run_with_cache(tokens, names_filter=names)
-    _, dirty = model.run_with_cache(corrupted, names_filter=names)
-    change = sum((dirty["z", 0][:, :, h] - clean["z", 0][:, :, h]) @ model.W_O[0, h] for h in sources)
+    """The change the path patch makes, added to the whole layer-1 input instead of the target heads' keys."""
+    change = circuits.layer0_output(model, corrupted, sources) - circuits.layer0_output(model, tokens, sources)
     return model.run_with_hooks(tokens, fwd_hooks=[("blocks.1.hook_resid_pre", lambda resid, hook: resid + change)])
 
 
-def _patched_into(model, tokens, corrupted, sources, targets, reader: str = "k", zero: bool = False) -> Tensor:
-    """The path patch written out again (a mistake may not call the reference): layer-0 heads into layer-1 `reader`s."""
-    _, clean = model.run_with_cache(tokens, names_filter="blocks.0.attn.hook_z")
-    _, dirty = model.run_with_cache(corrupted, names_filter="blocks.0.attn.hook_z")
-    change = sum(((0 if zero else dirty["z", 0][:, :, h]) - clean["z", 0][:, :, h]) @ model.W_O[0, h] for h in sources)
-    weights = {"q": model.W_Q, "k": model.W_K}[reader]
-
-    def hook(activation: Tensor, hook) -> Tensor:
-        activation = activation.clone()
-        for h in targets:
-            activation[:, :, h] += change @ weights[1, h]
-        return activation
-
-    return model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.1.attn.hook_{reader}", hook)])
+def _zero_ablated(model, tokens, corrupted, sources, targets) -> Tensor:
+    """The target heads' keys with the sources' clean output taken away, not replaced."""
+    change = -circuits.layer0_output(model, tokens, sources)
+    return model.run_with_hooks(tokens, fwd_hooks=[circuits.path_patch_hook(model, change, targets)])
 
 
 check_patch_key_path = exercise(
@@ -168,18 +145,18 @@ check_patch_key_path = exercise(
         Mistake("the patch put into the queries",
                 "the path under test ends in the keys of the layer-1 heads: the query reads the current token, the "
                 "key reads what the previous-token head wrote.",
-                lambda *args: _patched_into(*args, reader="q")),
+                lambda *args: circuits.patch_key_path(*args, reader="q")),
         Mistake("the layer-0 output replaced on every path into layer 1 (queries and values too)",
                 "patch one path only: the layer-1 input stays clean for the queries, the values and the logits.",
                 _patched_everywhere),
         Mistake("every layer-1 head patched, not only the target heads",
                 "the other layer-1 heads keep their clean keys: the path ends in the target heads.",
-                lambda model, tokens, corrupted, sources, targets: _patched_into(
+                lambda model, tokens, corrupted, sources, targets: circuits.patch_key_path(
                     model, tokens, corrupted, sources, list(range(model.cfg.n_heads)))),
         Mistake("the layer-0 output removed from the keys (zero-ablated) instead of replaced",
                 "a patch swaps the clean output for the output on the corrupted tokens, so the key still gets a "
                 "previous-token signal of the usual size, only the wrong one.",
-                lambda *args: _patched_into(*args, zero=True)),
+                _zero_ablated),
     ))
 
 
@@ -192,20 +169,22 @@ def _attribution_cases() -> list[Case]:
             ("on repeats of 3-8 tokens placed anywhere", (noisy, moved, moved_targets))]
 
 
-def _attribution(model, tokens: Tensor, targets: Tensor, read: str = "centred", answer: str = "target") -> dict:
-    keep = targets != IGNORE
+def _raw_logits(model, tokens: Tensor, targets: Tensor) -> dict:
+    wanted = targets[targets != IGNORE][:, None]
+    return {name: logits.gather(-1, wanted).mean().item()
+            for name, logits in circuits.component_logits(model, tokens, targets).items()}
+
+
+def _current_token(model, tokens: Tensor, targets: Tensor) -> dict:
+    """The reference read at the token each position holds: its targets replaced by the tokens."""
+    return circuits.correct_logit_attribution(model, tokens, torch.where(targets != IGNORE, tokens, IGNORE))
+
+
+def _norms(model, tokens: Tensor, targets: Tensor) -> dict:
     _, cache = model.run_with_cache(tokens)
-    wanted = (targets if answer == "target" else tokens)[keep][:, None]
-    out = {}
-    for name, part in circuits.residual_components(model, cache).items():
-        logits = part[keep] @ model.W_U
-        if read == "norm":
-            out[name] = part[keep].norm(dim=-1).mean().item()
-            continue
-        if read == "centred":
-            logits = logits - logits.mean(-1, keepdim=True)
-        out[name] = logits.gather(-1, wanted).mean().item()
-    return out
+    keep = targets != IGNORE
+    return {name: part[keep].norm(dim=-1).mean().item()
+            for name, part in circuits.residual_components(model, cache).items()}
 
 
 check_correct_logit_attribution = exercise(
@@ -218,13 +197,13 @@ check_correct_logit_attribution = exercise(
         Mistake("the logit not centred on its mean over the vocabulary",
                 "adding the same amount to every logit changes no prediction: a term helps the answer only by what "
                 "it gives the target more than the average token.",
-                lambda *args: _attribution(*args, read="raw")),
+                _raw_logits),
         Mistake("the current token's logit, not the target's",
                 "the model predicts the next token: read each position's logits at its target, not at the token "
-                "it holds.", lambda *args: _attribution(*args, answer="token")),
+                "it holds.", _current_token),
         Mistake("each term's norm, not its logit",
                 "a large vector can write nothing the unembedding reads: measure what each term adds to the correct "
-                "logit, not how long it is.", lambda *args: _attribution(*args, read="norm")),
+                "logit, not how long it is.", _norms),
     ))
 
 

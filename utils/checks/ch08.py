@@ -12,7 +12,7 @@ from torch import Tensor
 from utils import circuits, fourier, models, proofs, tasks, train
 from utils.checks.engine import (Attempt, Case, CheckFailed, Mistake, call_learner, check_case, compare,
                                  compare_float, compare_tensors, copies, diagnosis, exercise, matches, passed)
-from utils.checks.fixtures import (fresh_model, noisy_addition, noisy_model, random_causal_pattern,
+from utils.checks.fixtures import (changed_copy, fresh_model, noisy_addition, noisy_model, random_causal_pattern,
                                    random_models, smooth_curves)
 from utils.tasks import IGNORE
 
@@ -28,17 +28,10 @@ def _on_max_cases() -> list[Case]:
             ("on a fresh model, lists of 4 tokens below 5", (fresh_model("max_of_list"), _tied_lists(4, 5)))]
 
 
-def _pattern_logits(model, lists: Tensor, wanted: Tensor) -> Tensor:
-    def replace(pattern, hook):
-        pattern = pattern.clone()
-        pattern[:, :, -1] = wanted[:, None]
-        return pattern
-    return model.run_with_hooks(lists, fwd_hooks=[("blocks.0.attn.hook_pattern", replace)])[:, -1]
-
-
 def _one_copy(lists: Tensor, last: bool) -> Tensor:
-    is_max = lists == lists.max(-1, keepdim=True).values
-    index = (is_max.long() * torch.arange(1, lists.shape[1] + 1)).argmax(-1) if last else is_max.long().argmax(-1)
+    """All the weight on the first (or last) copy of each list's maximum, [batch, key]."""
+    is_max = (lists == lists.max(-1, keepdim=True).values).long()
+    index = (is_max * torch.arange(1, lists.shape[1] + 1)).argmax(-1) if last else is_max.argmax(-1)
     return F.one_hot(index, lists.shape[1]).float()
 
 
@@ -50,13 +43,14 @@ check_logits_attention_on_max = exercise(
     mistakes=(
         Mistake("all the attention on the first copy of the maximum",
                 "a tied maximum sits at several positions, and each copy reads its own OV row: share the weight "
-                "equally between them.", lambda model, lists: _pattern_logits(model, lists, _one_copy(lists, False))),
+                "equally between them.", lambda model, lists: proofs.logits_with_last_row(model, lists, _one_copy(lists, False))),
         Mistake("all the attention on the last copy of the maximum",
                 "a tied maximum sits at several positions: share the weight equally between them.",
-                lambda model, lists: _pattern_logits(model, lists, _one_copy(lists, True))),
+                lambda model, lists: proofs.logits_with_last_row(model, lists, _one_copy(lists, True))),
         Mistake("uniform attention over every key",
                 "the explanation says the head attends to the maximum, not to every key alike.",
-                lambda model, lists: _pattern_logits(model, lists, torch.full(lists.shape, 1 / lists.shape[1]))),
+                lambda model, lists: proofs.logits_with_last_row(model, lists,
+                                                                 torch.full(lists.shape, 1 / lists.shape[1]))),
         Mistake("the model's own logits (the pattern not replaced)",
                 "a hook changes the run only if it returns the new pattern (or writes into it) at the pattern's "
                 "hook point, layer 0.", lambda model, lists: model(lists)[:, -1]),
@@ -69,15 +63,20 @@ def _brute_cases() -> list[Case]:
             ("on a noisy checkpoint, lists of length 3", (noisy_model("max_of_list", 0.5), 3))]
 
 
-def _brute(model, n: int, target: str = "max", position: int = -1, skip_ties: bool = False) -> float:
+def _predictions(model, n: int, position: int = -1) -> tuple[Tensor, Tensor]:
+    """Every list of length n and the model's prediction at `position` on each."""
     lists = tasks.all_lists(n, model.cfg.d_vocab)
-    logits = torch.cat([model(chunk)[:, position] for chunk in lists.split(20_000)])
-    answer = {"max": lists.max(-1).values, "last": lists[:, -1], "prefix": lists[:, : position % n + 1].max(-1).values}
-    right = logits.argmax(-1) == answer[target]
-    if skip_ties:
+    return lists, torch.cat([model(chunk)[:, position].argmax(-1) for chunk in lists.split(20_000)])
+
+
+def _untied_only(model, n: int) -> float:
+    """The reference's accuracy over the lists whose maximum is not tied, from the lists it got wrong."""
+    def untied(lists: Tensor) -> Tensor:
         top = lists.topk(2, -1).values
-        right = right[top[:, 0] != top[:, 1]]
-    return right.float().mean().item()
+        return top[:, 0] != top[:, 1]
+    lists = tasks.all_lists(n, model.cfg.d_vocab)
+    total = int(untied(lists).sum())
+    return (total - int(untied(proofs.brute_force(model, n)["wrong"]).sum())) / total
 
 
 check_brute_force_accuracy = exercise(
@@ -88,13 +87,15 @@ check_brute_force_accuracy = exercise(
     mistakes=(
         Mistake("the answer compared with the last token, not the maximum",
                 "the model predicts the largest value of the list, wherever it sits.",
-                lambda model, n: _brute(model, n, target="last")),
+                lambda model, n: (lambda lists, said: (said == lists[:, -1]).float().mean().item())(
+                    *_predictions(model, n))),
         Mistake("the prediction read at the first position",
                 "the list's answer is read where the whole list is in view: the last position.",
-                lambda model, n: _brute(model, n, target="max", position=0)),
+                lambda model, n: (lambda lists, said: (said == lists.max(-1).values).float().mean().item())(
+                    *_predictions(model, n, position=0))),
         Mistake("the lists with a tied maximum left out",
                 "a brute force runs every input: ties are lists too (and the easy ones).",
-                lambda model, n: _brute(model, n, skip_ties=True)),
+                _untied_only),
     ))
 
 
@@ -105,24 +106,9 @@ def _cell_cases() -> list[Case]:
             ("on a fresh model, length 3, other tokens <= 25", (fresh_model("max_of_list"), 3, 25))]
 
 
-def _attention(model, n: int, lo: int, own_key: bool = True, every_rival: bool = True, least: bool = True,
-               phantom: bool = False) -> Tensor:
-    """least_attention_on_max as a learner might compute it, with one slip or none."""
-    scores = proofs.circuit_pieces(model, n)[0]
-    vocab, q = scores.shape[0], n - 1
-    t, m = torch.arange(vocab)[:, None], torch.arange(vocab)[None, :]
-    best = scores[:, :q, : lo + 1].amax(-1)  # [t, k]: the largest rival score at each position
-    own = scores[:, q].diagonal()  # [t]
-    total = best.exp().sum(-1) if every_rival else best.amax(-1).exp()  # [t]
-    at_query = own.exp() / (own.exp() + total)  # [t]: t = m, every earlier position a rival
-    before = scores[:, :q]  # [t, j, m]: the maximum at position j
-    mine = best.exp()[:, :, None] if every_rival and not phantom else 0.0  # the rival the maximum displaces
-    others = total[:, None, None] - mine
-    others = others + (own.exp()[:, None, None] if own_key else 0)
-    share = before.exp() / (before.exp() + others)
-    share = share.amin(1) if least else share.amax(1)
-    out = torch.where(t == m, at_query[:, None], share)
-    return torch.where((m > lo) & ((t == m) | (t <= lo)), out, torch.zeros((), dtype=out.dtype))
+def _attention(model, n: int, lo: int, **accounting) -> Tensor:
+    """The reference's least attention under another accounting of the rivals (see its keyword arguments)."""
+    return proofs.least_attention_of_pieces(proofs.circuit_pieces(model, n), lo, **accounting)
 
 
 check_least_attention_on_max = exercise(
@@ -135,40 +121,25 @@ check_least_attention_on_max = exercise(
         Mistake("a rival counted at the maximum's own position",
                 "when the last token is not the maximum, the maximum sits at one of the earlier positions, and that "
                 "position cannot hold a rival too: the rivals fill the other positions only.",
-                lambda *args: _attention(*args, phantom=True)),
+                lambda *args: _attention(*args, displaced=False)),
         Mistake("the query's own key left out of the denominator",
                 "the last position attends to itself too: when the last token is not the maximum, its key takes "
-                "a share.", lambda *args: _attention(*args, own_key=False)),
+                "a share.", lambda *args: _attention(*args, query_key=False)),
         Mistake("a single rival key instead of one per position",
                 "every position before the query can hold a rival, and each takes its own share.",
-                lambda *args: _attention(*args, every_rival=False)),
+                lambda *args: _attention(*args, one_rival=True)),
         Mistake("the maximum at its best position, not its worst",
                 "a bound must hold wherever the maximum sits: take the position where its share is least.",
-                lambda *args: _attention(*args, least=False)),
+                lambda *args: _attention(*args, at_worst=False)),
     ))
 
 
-def _margin(model, n: int, lo: int, direct: bool = True, capped: bool = True, query_row: bool = True,
-            max_at_query: bool = True) -> Tensor:
-    """least_margin as a learner might compute it, with one slip or none."""
-    scores, ov, d_table = proofs.circuit_pieces(model, n)
-    vocab, q = scores.shape[0], n - 1
-    tokens = torch.arange(vocab)
-    lead = ov[:, :, :, None] - ov[:, :, None, :]
-    own = lead[:, tokens, tokens]
-    a_any, a_last = own[:q].amin(0), (own.amin(0) if max_at_query else own[:q].amin(0))
-    b_rest = lead[:q, : lo + 1].amin((0, 1))
-    p = proofs.least_attention_on_max(model, n, lo)
-    out = torch.full((vocab, vocab), torch.inf)
-    for t in range(vocab):
-        a = torch.where((tokens == t)[:, None], a_last, a_any)
-        b = b_rest if not query_row else torch.where((tokens == t)[:, None], b_rest, torch.minimum(b_rest, lead[q, t]))
-        d = (d_table[t, tokens, None] - d_table[t][None, :]) if direct else torch.zeros(vocab, vocab)
-        mixed = p[t][:, None] * a + (1 - p[t][:, None]) * b
-        margin = d + (torch.minimum(mixed, a) if capped else mixed)
-        out[t] = margin.masked_fill(torch.eye(vocab, dtype=torch.bool), torch.inf).amin(-1)
-    fits = (tokens[None] > lo) & ((tokens[:, None] == tokens[None]) | (tokens[:, None] <= lo))
-    return out.masked_fill(~fits, torch.inf)
+def _margin(model, n: int, lo: int, capped: bool = True, **changed: Callable) -> Tensor:
+    """The reference's least margin with some of its tables changed (changed[name](tables) gives the new one)."""
+    pieces = proofs.circuit_pieces(model, n)
+    tables = proofs.margin_tables(pieces)
+    tables.update({name: change(tables) for name, change in changed.items()})
+    return proofs.least_margin_of_pieces(pieces, lo, tables=tables, capped=capped)
 
 
 check_least_margin = exercise(
@@ -180,17 +151,18 @@ check_least_margin = exercise(
     mistakes=(
         Mistake("the direct path left out",
                 "the query token's embedding reaches the logits around the head, and its lead (or deficit) counts "
-                "in every cell.", lambda *args: _margin(*args, direct=False)),
+                "in every cell.", lambda *args: _margin(*args, d=lambda tables: torch.zeros_like(tables["d"]))),
         Mistake("the mix trusted when the other tokens lead more than the maximum",
                 "the real share on the maximum can be anything above the least one; when the other rows lead by "
                 "more, a larger share makes the margin worse, so the worst case is then the maximum's rows alone.",
                 lambda *args: _margin(*args, capped=False)),
         Mistake("the query token's own OV row left out",
                 "when the last token is not the maximum, the query attends to its own key too and its row counts "
-                "among the others.", lambda *args: _margin(*args, query_row=False)),
+                "among the others.", lambda *args: _margin(*args, lead_q=lambda tables: torch.full_like(tables["lead_q"],
+                                                                                               torch.inf))),
         Mistake("the maximum's row at the query position left out when the last token is the maximum",
                 "when the list ends with its maximum, that copy sits at the query position and reads that "
-                "position's OV row.", lambda *args: _margin(*args, max_at_query=False)),
+                "position's OV row.", lambda *args: _margin(*args, a=lambda tables: tables["a_before_q"])),
     ))
 
 
@@ -206,17 +178,10 @@ def _count_cases() -> list[Case]:
             ("on a random table of certified cells, length 6", (_largest_tables(), 6))]
 
 
-def _count(largest: Tensor, n: int, at_least_one: bool = True, with_max: bool = True, exponent: int = -1) -> int:
-    vocab, total = largest.shape[0], 0
-    q = n - 1 if exponent == -1 else n
-    for t in range(vocab):
-        for m in range(t, vocab):
-            lo = int(largest[t, m])
-            if lo < -1:
-                continue
-            base = lo + 2 if with_max else lo + 1
-            total += base**q if (t == m or not at_least_one) else base**q - (base - 1) ** q
-    return total
+def _count_with(largest: Tensor, n: int, count: Callable) -> int:
+    """certified_count with each cell counted by `count(t, m, lo)` instead of proofs.cell_count."""
+    return sum(count(t, m, int(largest[t, m])) for t in range(largest.shape[0]) for m in range(t, largest.shape[0])
+               if largest[t, m] >= -1)
 
 
 check_certified_count = exercise(
@@ -229,13 +194,15 @@ check_certified_count = exercise(
         Mistake("the lists without the maximum counted too",
                 "when the last token is not the maximum, a list of the cell must hold the maximum somewhere before "
                 "it: leave out the lists where no earlier position does.",
-                lambda largest, n: _count(largest, n, at_least_one=False)),
+                lambda largest, n: _count_with(largest, n, lambda t, m, lo: (lo + 2) ** (n - 1))),
         Mistake("the maximum not counted among the values of the earlier positions",
                 "an earlier position may hold another copy of the maximum as well as a small token.",
-                lambda largest, n: _count(largest, n, with_max=False)),
+                lambda largest, n: _count_with(largest, n, lambda t, m, lo: (lo + 1) ** (n - 1) if t == m
+                                               else (lo + 1) ** (n - 1) - lo ** (n - 1))),
         Mistake("the last position counted as free",
                 "the last token is the cell's own: only the positions before it are free.",
-                lambda largest, n: _count(largest, n, exponent=n)),
+                lambda largest, n: _count_with(largest, n, lambda t, m, lo: proofs.cell_count(
+                    largest.shape[0], n + 1, t, m, lo))),
     ))
 
 

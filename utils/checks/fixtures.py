@@ -56,3 +56,9 @@ def smooth_curves(n_curves: int = 6) -> Tensor:
     """Random smooth curves over 128 tokens: random walks, lightly averaged."""
     walks = torch.randn(128, n_curves).cumsum(0)
     return torch.nn.functional.avg_pool1d(walks.T[:, None], 5, 1, 2, count_include_pad=False)[:, 0].T
+
+
+def changed_copy(model, task: str, key: str, change) -> object:
+    """A copy of `model` (a model of `task`) with its weight `key` replaced by change(weight)."""
+    state = {name: change(w) if name == key else w for name, w in model.state_dict().items()}
+    return models.model_from_state(dict(models.spec(task).config), state)
