@@ -250,11 +250,12 @@ def cell_count(vocab: int, n: int, t: int, m: int, lo: int) -> int:
     return (lo + 2) ** q if t == m else (lo + 2) ** q - (lo + 1) ** q
 
 
-def certified_count(largest_other: Tensor, n: int) -> int:
+def certified_count(largest_other: Tensor, n: int, count=None) -> int:
     """Lists of length n covered by certified cells: largest_other[t, m] is the largest `lo` certified
-    for last token t and maximum m (every cell with a smaller lo is then certified too), -2 for none."""
-    vocab = largest_other.shape[0]
-    return sum(cell_count(vocab, n, t, m, int(largest_other[t, m]))
+    for last token t and maximum m (every cell with a smaller lo is then certified too), -2 for none.
+    `count(vocab, n, t, m, lo)` counts a cell's lists (cell_count by default)."""
+    vocab, count = largest_other.shape[0], count or cell_count
+    return sum(count(vocab, n, t, m, int(largest_other[t, m]))
                for t in range(vocab) for m in range(t, vocab) if largest_other[t, m] >= -1)
 
 

@@ -178,12 +178,6 @@ def _count_cases() -> list[Case]:
             ("on a random table of certified cells, length 6", (_largest_tables(), 6))]
 
 
-def _count_with(largest: Tensor, n: int, count: Callable) -> int:
-    """certified_count with each cell counted by `count(t, m, lo)` instead of proofs.cell_count."""
-    return sum(count(t, m, int(largest[t, m])) for t in range(largest.shape[0]) for m in range(t, largest.shape[0])
-               if largest[t, m] >= -1)
-
-
 check_certified_count = exercise(
     "8.5", "count, do not run", proofs.certified_count, function="certified_count", kind="implementation",
     cases=_count_cases, atol=0.5,
@@ -194,15 +188,15 @@ check_certified_count = exercise(
         Mistake("the lists without the maximum counted too",
                 "when the last token is not the maximum, a list of the cell must hold the maximum somewhere before "
                 "it: leave out the lists where no earlier position does.",
-                lambda largest, n: _count_with(largest, n, lambda t, m, lo: (lo + 2) ** (n - 1))),
+                lambda largest, n: proofs.certified_count(largest, n, lambda vocab, n, t, m, lo: (lo + 2) ** (n - 1))),
         Mistake("the maximum not counted among the values of the earlier positions",
                 "an earlier position may hold another copy of the maximum as well as a small token.",
-                lambda largest, n: _count_with(largest, n, lambda t, m, lo: (lo + 1) ** (n - 1) if t == m
-                                               else (lo + 1) ** (n - 1) - lo ** (n - 1))),
+                lambda largest, n: proofs.certified_count(largest, n, lambda vocab, n, t, m, lo: (
+                    (lo + 1) ** (n - 1) if t == m else (lo + 1) ** (n - 1) - lo ** (n - 1)))),
         Mistake("the last position counted as free",
                 "the last token is the cell's own: only the positions before it are free.",
-                lambda largest, n: _count_with(largest, n, lambda t, m, lo: proofs.cell_count(
-                    largest.shape[0], n + 1, t, m, lo))),
+                lambda largest, n: proofs.certified_count(largest, n, lambda vocab, n, t, m, lo: proofs.cell_count(
+                    vocab, n + 1, t, m, lo))),
     ))
 
 
