@@ -337,6 +337,15 @@ def rotate_neurons(state: dict[str, Tensor], R: Tensor) -> dict[str, Tensor]:
     return rotated
 
 
+def noised_copy(model, task: str, scale: float, seed: int | None = None) -> TransformerBridge:
+    """A copy of `model` (a model of `task`) with Gaussian noise on every weight: `scale` times the weight's own
+    standard deviation (1 for a single number); `seed` fixes the noise."""
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    state = {key: w + scale * (w.std() if w.numel() > 1 else 1.0) * torch.randn(w.shape, generator=generator)
+             for key, w in model.state_dict().items()}
+    return model_from_state(dict(spec(task).config), state)
+
+
 def model_from_state(config: dict, state: dict[str, Tensor]) -> TransformerBridge:
     """A model built from TransformerBridgeConfig keyword arguments and a state dict (eval mode)."""
     model = TransformerBridge.boot_native(TransformerBridgeConfig(**config))

@@ -26,16 +26,9 @@ def fresh_model(name: str):
     return models.build_model(name, seed=int(torch.randint(0, 10_000, ())))
 
 
-def noised(model, config: dict, scale: float = 0.05):
-    """A copy of `model` with Gaussian noise (`scale` times each weight's std) added to every weight."""
-    state = {key: w + scale * (w.std() if w.numel() > 1 else 1.0) * torch.randn_like(w)
-             for key, w in model.state_dict().items()}
-    return models.model_from_state(config, state)
-
-
 def noisy_model(name: str, scale: float):
     """The shipped checkpoint of task `name` with noise (`scale` times each weight's spread) on every weight."""
-    return noised(models.load_model(name), dict(models.spec(name).config), scale)
+    return models.noised_copy(models.load_model(name), name, scale)
 
 
 def noisy_addition(scale: float = 0.05):
