@@ -890,7 +890,7 @@ def test_no_checker_function_copies_a_function_of_the_course(chapter):
 
     root = Path(checks.__file__).parent.parent
     ours = {}
-    for module in ("circuits", "fourier", "models", "proofs", "tasks", "train"):
+    for module in ("circuits", "fourier", "models", "proofs", "residual_paths", "tasks", "train"):
         ours.update(_functions(root / f"{module}.py"))
     course_functions = {name.split(":")[1] for name in ours}
     copies = []

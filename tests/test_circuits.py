@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from utils import circuits, fourier, models, tasks
+from utils import circuits, fourier, models, residual_paths, tasks
 
 
 @pytest.fixture(scope="module")
@@ -399,7 +399,7 @@ def test_one_layer_path_expansion_adds_up_to_the_logits():
     tokens = torch.randint(0, 64, (256, 6), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens)
-        terms = circuits.one_layer_path_logits(model, tokens, cache["pattern", 0])
+        terms = residual_paths.one_layer_path_logits(model, tokens, cache["pattern", 0])
     assert set(terms) == {"direct", "head 0"}
     assert (sum(terms.values()) - logits).abs().max() < 1e-3
     assert (terms["head 0"] - logits).abs().max() > 1.0  # the direct path matters, so dropping it shows
@@ -409,10 +409,10 @@ def test_head_pieces_and_the_naive_path_sum_on_addition(addition):
     model, tokens, targets, _ = addition
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens)
-        pieces = circuits.head_pieces(model, cache)
-        naive = circuits.naive_path_logits(model, cache)
+        pieces = residual_paths.head_pieces(model, cache)
+        naive = residual_paths.naive_path_logits(model, cache)
         x = cache["hook_embed"] + cache["hook_pos_embed"]
-        mlp_whole = circuits.mlp_output(model, x + cache["attn_out", 0])
+        mlp_whole = residual_paths.mlp_output(model, x + cache["attn_out", 0])
     assert pieces.shape == (2, len(tokens), 2, model.cfg.d_model)
     assert (pieces.sum(0) - cache["attn_out", 0]).abs().max() < 1e-3
     assert (mlp_whole - cache["mlp_out", 0]).abs().max() < 1e-3  # the MLP on its whole input: exact
@@ -427,7 +427,7 @@ def test_memory_management_cosines_known_answers():
     state["blocks.0.mlp.out.weight"][:, 1] = state["blocks.0.mlp.in.weight"][1]
     model = models.model_from_state(dict(models.spec("addition").config, seed=0), state)
     with torch.no_grad():
-        cosines = circuits.memory_management_cosines(model)
+        cosines = residual_paths.memory_management_cosines(model)
     assert cosines.shape == (model.cfg.d_mlp,)
     assert torch.isclose(cosines[0], torch.tensor(-1.0), atol=1e-5) and torch.isclose(cosines[1], torch.tensor(1.0), atol=1e-5)
     assert cosines[2:].abs().max() < 0.5  # random directions in 128 dimensions are nearly orthogonal
@@ -442,14 +442,14 @@ def test_offsets_and_induction_attention_on_hand_made_patterns():
     induction[0, 0, torch.arange(half), torch.arange(half)] = 1
     induction[0, 0, torch.arange(half, n), torch.arange(1, half + 1)] = 1
     both = torch.cat([previous, induction], dim=1)  # [1, 2 heads, n, n]
-    assert circuits.attention_to_offset(both, 1).tolist() == [1.0, 0.0]
-    assert circuits.induction_attention(both, half).tolist() == [0.0, 1.0]
+    assert residual_paths.attention_to_offset(both, 1).tolist() == [1.0, 0.0]
+    assert residual_paths.induction_attention(both, half).tolist() == [0.0, 1.0]
 
 
 def test_composition_score_known_values_and_transformer_lens():
-    assert abs(circuits.composition_score(torch.eye(4), torch.eye(4)) - 0.5) < 1e-6  # sqrt(4) / (2 * 2)
+    assert abs(residual_paths.composition_score(torch.eye(4), torch.eye(4)) - 0.5) < 1e-6  # sqrt(4) / (2 * 2)
     a, b = torch.tensor([[1.0, 0.0]]).T, torch.tensor([[0.0, 1.0]])
-    assert circuits.composition_score(b, a) == 0.0  # b reads nothing a writes
+    assert residual_paths.composition_score(b, a) == 0.0  # b reads nothing a writes
     model = models.load_model("induction")
     with torch.no_grad():
         library = model.all_composition_scores("K").scores
@@ -457,4 +457,4 @@ def test_composition_score_known_values_and_transformer_lens():
             for h1 in range(2):
                 ov = model.W_V[0, h0] @ model.W_O[0, h0]
                 qk = model.W_Q[1, h1] @ model.W_K[1, h1].T
-                assert abs(circuits.composition_score(ov, qk.T) - library[0, h0, 1, h1].item()) < 1e-4
+                assert abs(residual_paths.composition_score(ov, qk.T) - library[0, h0, 1, h1].item()) < 1e-4

@@ -1,4 +1,6 @@
-"""Circuits read off the weights and the cache: residual decompositions, attention, paths.
+"""Circuits read off the weights and the cache, in the order of the chapters 00-06 (chapter 07's paths
+through the residual stream are in utils/paths.py): residual decompositions, attention, the full QK and
+OV circuits, the positional worst case, MLP effective weights, the Fibonacci model.
 
 Shapes follow TransformerLens: the cache holds q and k as [batch, pos, head, d_head] and
 attention patterns as [batch, head, query_pos, key_pos].
@@ -11,6 +13,7 @@ from torch import Tensor
 from transformer_lens.utilities import get_act_name
 
 
+# --------------------------------------------------------------------- chapter 00: the residual stream and attention
 def residual_from_components(model, cache) -> Tensor:
     """The final residual stream rebuilt as embed + pos_embed + every attention and MLP output, [batch, pos, d_model]."""
     resid = cache["embed"] + cache["pos_embed"]
@@ -81,7 +84,7 @@ def uniform_attention_accuracy(model, lists: Tensor, layer: int = 0) -> float:
         return last_position_accuracy(logits_with_pattern_replaced(model, lists, uniform_causal_pattern, layer), lists)
 
 
-# --------------------------------------------------------------------- full circuits (one-layer models)
+# --------------------------------------------------------------------- chapters 02-03: the direct path, the full QK and OV circuits
 def direct_path(model) -> Tensor:
     """The direct path W_E W_U: logits each token writes with no attention or MLP, [vocab (input), vocab (output)]."""
     return model.W_E @ model.W_U
@@ -274,249 +277,6 @@ def frozen_mix_gap(model, a: Tensor, b: Tensor, alpha: float, beta: float, scale
     """
     mixed, combined = frozen_mix_logits(model, a, b, alpha, beta, scale_pos)
     return (mixed - combined).abs().max().item()
-
-
-# --------------------------------------------------------------------- MLP effective weights (one-layer models)
-def token_to_neuron(model, source_pos: int, layer: int = 0, head: int = 0) -> Tensor:
-    """Effective weights (W_E + W_pos[source_pos]) W_V W_O W_in, [vocab (token at source_pos), d_mlp].
-
-    Row t is what a token t at `source_pos` adds to every neuron's input (pre-activation)
-    through the head when it receives all of the attention; with attention p it adds p times that.
-    """
-    return (model.W_E + model.W_pos[source_pos]) @ model.W_V[layer, head] @ model.W_O[layer, head] @ model.W_in[layer]
-
-
-def direct_to_neuron(model, pos: int, layer: int = 0) -> Tensor:
-    """Effective weights (W_E + W_pos[pos]) W_in of the skip path, [vocab (token at pos), d_mlp].
-
-    What the query's own token adds to the neuron inputs at its position, around the head.
-    """
-    return (model.W_E + model.W_pos[pos]) @ model.W_in[layer]
-
-
-def neuron_to_logit(model, layer: int = 0) -> Tensor:
-    """Effective weights W_out W_U, [d_mlp, vocab (output logit)]: what each neuron's activation adds to each logit."""
-    return model.W_out[layer] @ model.W_U
-
-
-def neuron_inputs(model, tokens: Tensor, pattern: Tensor, transform=None) -> Tensor:
-    """The MLP's pre-activations rebuilt from the effective weights, [batch, pos, d_mlp].
-
-    For a one-layer model with an MLP, at query position q:
-        b_in + direct_to_neuron(q)[x_q] + sum_h sum_k pattern[h, q, k] token_to_neuron(k, h)[x_k]
-             + (b_V W_O + b_O) W_in
-    pattern: the measured attention, [batch, head, query_pos, key_pos]. `transform`, if given,
-    is applied to every [vocab, d_mlp] map first (e.g. to keep only some frequencies).
-    """
-    transform = transform or (lambda m: m)
-    n_pos = tokens.shape[1]
-    pre = model.b_in[0] + ((model.b_V[0] @ model.W_O[0]).sum(0) + model.b_O[0]) @ model.W_in[0]
-    pre = pre.expand(tokens.shape[0], n_pos, -1).clone()
-    for q in range(n_pos):
-        pre[:, q] += transform(direct_to_neuron(model, q))[tokens[:, q]]
-    for h in range(model.cfg.n_heads):
-        # [batch, key_pos, d_mlp]: what each source token would add with all the attention
-        per_source = torch.stack([transform(token_to_neuron(model, k, head=h))[tokens[:, k]]
-                                  for k in range(n_pos)], dim=1)
-        pre += torch.einsum("bqk,bkn->bqn", pattern[:, h], per_source)
-    return pre
-
-
-def _right_with_neuron_inputs(model, tokens: Tensor, targets: Tensor, pre: Tensor, tolerance: int) -> tuple[int, int]:
-    """(right, counted) over the targets != IGNORE when the MLP's pre-activations are replaced by `pre`."""
-    def replace(_, hook):
-        return pre
-
-    from utils.tasks import IGNORE
-
-    logits = model.run_with_hooks(tokens, fwd_hooks=[(get_act_name("pre", 0), replace)])
-    keep = targets != IGNORE
-    right = ((logits.argmax(-1)[keep] - targets[keep]).abs() <= tolerance).sum().item()
-    return right, keep.sum().item()
-
-
-def accuracy_with_neuron_inputs(model, tokens: Tensor, targets: Tensor, pre: Tensor, tolerance: int = 0) -> float:
-    """Accuracy (over targets != IGNORE) when the MLP's pre-activations are replaced by `pre` [batch, pos, d_mlp].
-
-    A prediction counts as right when it is within `tolerance` of the target (0: exactly right).
-    """
-    right, counted = _right_with_neuron_inputs(model, tokens, targets, pre, tolerance)
-    return right / counted if counted else float("nan")
-
-
-@torch.no_grad()
-def accuracy_keeping_frequencies(model, tokens: Tensor, targets: Tensor, freqs, keep: bool = True,
-                                 tolerance: int = 0, batch_size: int = 2048) -> float:
-    """Accuracy when every token-to-neuron map keeps only the frequencies `freqs` (the constant
-    part always stays), with the measured attention; with keep=False those frequencies are removed instead.
-
-    Runs `batch_size` inputs at a time: all 8,256 Fibonacci inputs at once peaked some 230 MB higher.
-    """
-    from utils import fourier
-
-    freqs = list(freqs)
-    if keep:
-        transform = lambda m: fourier.keep_frequencies(m, freqs)  # noqa: E731
-    else:
-        transform = lambda m: fourier.remove_frequencies(m, freqs)  # noqa: E731
-    right = counted = 0
-    for chunk, chunk_targets in zip(tokens.split(batch_size), targets.split(batch_size)):
-        _, cache = model.run_with_cache(chunk, names_filter=get_act_name("pattern", 0))
-        pre = neuron_inputs(model, chunk, cache["pattern", 0], transform)
-        r, n = _right_with_neuron_inputs(model, chunk, chunk_targets, pre, tolerance)
-        right, counted = right + r, counted + n
-    return right / counted if counted else float("nan")
-
-
-# --------------------------------------------------------------------- positions in the fibonacci model
-def positional_qk_scores(model, layer: int = 0, head: int = 0) -> Tensor:
-    """Position-only QK circuit W_pos W_Q W_K^T W_pos^T / sqrt(d_head), [query_pos, key_pos].
-
-    The part of every attention score that depends on the two positions and not on the tokens.
-    Entries above the diagonal (keys after the query) are never used.
-    """
-    queries = model.W_pos @ model.W_Q[layer, head]
-    keys = model.W_pos @ model.W_K[layer, head]
-    return queries @ keys.T / model.cfg.d_head**0.5
-
-
-def attention_on_recent(pattern: Tensor, window: int = 2, head: int = 0) -> Tensor:
-    """Mean attention each query position puts on itself and the window - 1 positions before it, [query_pos].
-
-    pattern: [batch, head, query_pos, key_pos]; the mean is over the batch.
-    """
-    n = pattern.shape[-1]
-    q = torch.arange(n)[:, None]
-    k = torch.arange(n)[None, :]
-    recent = (k <= q) & (k > q - window)
-    return (pattern[:, head] * recent).sum(-1).mean(0)
-
-
-def mean_pattern_on_targets(pattern: Tensor, targets: Tensor, head: int = 0) -> Tensor:
-    """Mean attention pattern of one head, [query_pos, key_pos], each query row averaged over the inputs
-    that have a target at that position (padding and positions past a sequence's end left out).
-
-    pattern: [batch, head, query_pos, key_pos]; targets: [batch, pos] with IGNORE where there is none.
-    A position without any target (position 0) is averaged over every input.
-    """
-    from utils import tasks
-
-    counts = (targets != tasks.IGNORE).float()  # [batch, query_pos]
-    counts[:, counts.sum(0) == 0] = 1.0
-    weights = counts / counts.sum(0)
-    return torch.einsum("bqk,bq->qk", pattern[:, head], weights)
-
-
-# --------------------------------------------------------------------- paths through the residual stream
-def mlp_output(model, resid: Tensor, layer: int = 0) -> Tensor:
-    """The layer's MLP applied to any residual-stream vectors: relu(resid W_in + b_in) W_out + b_out, [..., d_model]."""
-    hidden = torch.relu(resid @ model.W_in[layer] + model.b_in[layer])
-    return hidden @ model.W_out[layer] + model.b_out[layer]
-
-
-def one_layer_path_logits(model, tokens: Tensor, pattern: Tensor) -> dict[str, Tensor]:
-    """The path expansion of a one-layer attention-only model, each term [batch, pos, vocab].
-
-    "direct": (W_E[x] + W_pos) W_U + b_U; "head h": sum_k pattern[h, q, k] (W_E[x_k] + W_pos[k]) W_V W_O W_U,
-    plus the head's bias terms (b_V W_O + b_O) W_U. With `pattern` the model's own attention, the
-    terms add up to the logits exactly: once the pattern is fixed, every path is linear.
-    """
-    embedded = model.W_E[tokens] + model.W_pos[: tokens.shape[1]]  # [batch, pos, d_model]
-    terms = {"direct": embedded @ model.W_U + model.b_U}
-    for h in range(model.cfg.n_heads):
-        values = embedded @ model.W_V[0, h] + model.b_V[0, h]  # [batch, pos, d_head]
-        mixed = torch.einsum("bqk,bkd->bqd", pattern[:, h], values)
-        terms[f"head {h}"] = (mixed @ model.W_O[0, h]) @ model.W_U
-    terms["direct"] = terms["direct"] + model.b_O[0] @ model.W_U
-    return terms
-
-
-def head_pieces(model, cache, layer: int = 0, head: int = 0) -> Tensor:
-    """A head's output split by source position, [key_pos, batch, query_pos, d_model].
-
-    Piece k is pattern[q, k] (resid_pre[k] W_V + b_V) W_O: what the head carries from position k.
-    The pieces add up to the head's output (b_O aside, which is zero in the course's models).
-    """
-    values = cache["resid_pre", layer] @ model.W_V[layer, head] + model.b_V[layer, head]  # [batch, key, d_head]
-    pattern = cache["pattern", layer][:, head]  # [batch, q, k]
-    return torch.einsum("bqk,bkd->kbqd", pattern, values) @ model.W_O[layer, head]
-
-
-def naive_path_logits(model, cache) -> Tensor:
-    """The *wrong* "sum over paths" of a one-layer model with an MLP, [batch, pos, vocab].
-
-    Every path is followed on its own, the MLP ones too: the skip path x, the head's piece from
-    every source position, the MLP applied to x alone, and the MLP applied to each piece alone,
-    all added before unembedding. That treats MLP(x + sum_k piece_k) as MLP(x) + sum_k MLP(piece_k),
-    which the ReLU makes false; this function exists to measure by how much.
-    """
-    x = cache["embed"] + cache["pos_embed"]
-    pieces = head_pieces(model, cache)
-    through_mlp = mlp_output(model, x) + sum(mlp_output(model, piece) for piece in pieces)
-    return (x + pieces.sum(0) + through_mlp) @ model.W_U + model.b_U
-
-
-def head_output(model, cache, layer: int, head: int) -> Tensor:
-    """What one head adds to the residual stream, z W_O (+ its share of b_O: none, biases are zero), [batch, pos, d_model]."""
-    return cache["z", layer][:, :, head] @ model.W_O[layer, head]
-
-
-def unraveled_head_terms(model, cache, layer: int, head: int) -> dict[str, Tensor]:
-    """A head's output split over the components that wrote its input, with its pattern frozen.
-
-    The head reads resid_pre = embed + pos_embed + the outputs of every earlier head (an
-    attention-only model). With the measured pattern held fixed, its output is linear in that
-    sum, so it splits exactly into one term per source: pattern (source W_V W_O). Returns
-    {"embed": ..., "L0H1": ..., ...}, each [batch, pos, d_model]; they add up to head_output.
-    The head's value bias, if any, goes with "embed".
-    """
-    pattern = cache["pattern", layer][:, head]  # [batch, q, k]
-    sources = {"embed": cache["embed"] + cache["pos_embed"]}
-    for earlier in range(layer):
-        for h in range(model.cfg.n_heads):
-            sources[f"L{earlier}H{h}"] = head_output(model, cache, earlier, h)
-    terms = {}
-    for name, source in sources.items():
-        values = source @ model.W_V[layer, head] + (model.b_V[layer, head] if name == "embed" else 0)
-        terms[name] = torch.einsum("bqk,bkd->bqd", pattern, values) @ model.W_O[layer, head]
-    return terms
-
-
-def memory_management_cosines(model, layer: int = 0) -> Tensor:
-    """Cosine between each neuron's input direction W_in[:, n] and output direction W_out[n, :], [d_mlp].
-
-    Near -1: the neuron writes the opposite of what it reads, erasing a direction from the stream.
-    """
-    w_in, w_out = model.W_in[layer], model.W_out[layer]  # [d_model, d_mlp], [d_mlp, d_model]
-    return torch.nn.functional.cosine_similarity(w_in.T, w_out, dim=-1)
-
-
-def attention_to_offset(pattern: Tensor, offset: int) -> Tensor:
-    """Mean attention every head puts from query q on key q - offset (queries q >= offset), [head].
-
-    pattern: [batch, head, query_pos, key_pos]. offset 1 measures a previous-token head.
-    """
-    n = pattern.shape[-1]
-    q = torch.arange(offset, n)
-    return pattern[:, :, q, q - offset].mean(dim=(0, 2))
-
-
-def induction_attention(pattern: Tensor, half: int) -> Tensor:
-    """Mean attention every head puts, on sequences repeated once (period `half`), from a query in
-    the second copy to the token after its earlier occurrence (key q - half + 1), [head]."""
-    q = torch.arange(half, pattern.shape[-1])
-    return pattern[:, :, q, q - half + 1].mean(dim=(0, 2))
-
-
-def composition_score(a: Tensor, b: Tensor) -> float:
-    """Composition score ||a b||_F / (||a||_F ||b||_F) of two matrices, in [0, 1].
-
-    With a the OV matrix of an earlier head and b what a later head reads with (its QK matrix,
-    transposed for K-composition), it says how much of what one head writes the other reads.
-    `model.all_composition_scores` computes it for every pair of heads.
-    """
-    norm = torch.linalg.matrix_norm
-    return (norm(a @ b) / (norm(a) * norm(b))).item()
 
 
 # --------------------------------------------------------------------- chapter 04: the positional QK worst case
@@ -762,7 +522,98 @@ def attention_on_maximum(model, lists: Tensor, batch_size: int = 10_000) -> tupl
     return torch.cat(shares), torch.cat(right)
 
 
-# --------------------------------------------------------------------- chapter 05: the MLP's input maps replaced
+# --------------------------------------------------------------------- chapter 05: MLP effective weights (one-layer models)
+def token_to_neuron(model, source_pos: int, layer: int = 0, head: int = 0) -> Tensor:
+    """Effective weights (W_E + W_pos[source_pos]) W_V W_O W_in, [vocab (token at source_pos), d_mlp].
+
+    Row t is what a token t at `source_pos` adds to every neuron's input (pre-activation)
+    through the head when it receives all of the attention; with attention p it adds p times that.
+    """
+    return (model.W_E + model.W_pos[source_pos]) @ model.W_V[layer, head] @ model.W_O[layer, head] @ model.W_in[layer]
+
+
+def direct_to_neuron(model, pos: int, layer: int = 0) -> Tensor:
+    """Effective weights (W_E + W_pos[pos]) W_in of the skip path, [vocab (token at pos), d_mlp].
+
+    What the query's own token adds to the neuron inputs at its position, around the head.
+    """
+    return (model.W_E + model.W_pos[pos]) @ model.W_in[layer]
+
+
+def neuron_to_logit(model, layer: int = 0) -> Tensor:
+    """Effective weights W_out W_U, [d_mlp, vocab (output logit)]: what each neuron's activation adds to each logit."""
+    return model.W_out[layer] @ model.W_U
+
+
+def neuron_inputs(model, tokens: Tensor, pattern: Tensor, transform=None) -> Tensor:
+    """The MLP's pre-activations rebuilt from the effective weights, [batch, pos, d_mlp].
+
+    For a one-layer model with an MLP, at query position q:
+        b_in + direct_to_neuron(q)[x_q] + sum_h sum_k pattern[h, q, k] token_to_neuron(k, h)[x_k]
+             + (b_V W_O + b_O) W_in
+    pattern: the measured attention, [batch, head, query_pos, key_pos]. `transform`, if given,
+    is applied to every [vocab, d_mlp] map first (e.g. to keep only some frequencies).
+    """
+    transform = transform or (lambda m: m)
+    n_pos = tokens.shape[1]
+    pre = model.b_in[0] + ((model.b_V[0] @ model.W_O[0]).sum(0) + model.b_O[0]) @ model.W_in[0]
+    pre = pre.expand(tokens.shape[0], n_pos, -1).clone()
+    for q in range(n_pos):
+        pre[:, q] += transform(direct_to_neuron(model, q))[tokens[:, q]]
+    for h in range(model.cfg.n_heads):
+        # [batch, key_pos, d_mlp]: what each source token would add with all the attention
+        per_source = torch.stack([transform(token_to_neuron(model, k, head=h))[tokens[:, k]]
+                                  for k in range(n_pos)], dim=1)
+        pre += torch.einsum("bqk,bkn->bqn", pattern[:, h], per_source)
+    return pre
+
+
+def _right_with_neuron_inputs(model, tokens: Tensor, targets: Tensor, pre: Tensor, tolerance: int) -> tuple[int, int]:
+    """(right, counted) over the targets != IGNORE when the MLP's pre-activations are replaced by `pre`."""
+    def replace(_, hook):
+        return pre
+
+    from utils.tasks import IGNORE
+
+    logits = model.run_with_hooks(tokens, fwd_hooks=[(get_act_name("pre", 0), replace)])
+    keep = targets != IGNORE
+    right = ((logits.argmax(-1)[keep] - targets[keep]).abs() <= tolerance).sum().item()
+    return right, keep.sum().item()
+
+
+def accuracy_with_neuron_inputs(model, tokens: Tensor, targets: Tensor, pre: Tensor, tolerance: int = 0) -> float:
+    """Accuracy (over targets != IGNORE) when the MLP's pre-activations are replaced by `pre` [batch, pos, d_mlp].
+
+    A prediction counts as right when it is within `tolerance` of the target (0: exactly right).
+    """
+    right, counted = _right_with_neuron_inputs(model, tokens, targets, pre, tolerance)
+    return right / counted if counted else float("nan")
+
+
+@torch.no_grad()
+def accuracy_keeping_frequencies(model, tokens: Tensor, targets: Tensor, freqs, keep: bool = True,
+                                 tolerance: int = 0, batch_size: int = 2048) -> float:
+    """Accuracy when every token-to-neuron map keeps only the frequencies `freqs` (the constant
+    part always stays), with the measured attention; with keep=False those frequencies are removed instead.
+
+    Runs `batch_size` inputs at a time: all 8,256 Fibonacci inputs at once peaked some 230 MB higher.
+    """
+    from utils import fourier
+
+    freqs = list(freqs)
+    if keep:
+        transform = lambda m: fourier.keep_frequencies(m, freqs)  # noqa: E731
+    else:
+        transform = lambda m: fourier.remove_frequencies(m, freqs)  # noqa: E731
+    right = counted = 0
+    for chunk, chunk_targets in zip(tokens.split(batch_size), targets.split(batch_size)):
+        _, cache = model.run_with_cache(chunk, names_filter=get_act_name("pattern", 0))
+        pre = neuron_inputs(model, chunk, cache["pattern", 0], transform)
+        r, n = _right_with_neuron_inputs(model, chunk, chunk_targets, pre, tolerance)
+        right, counted = right + r, counted + n
+    return right / counted if counted else float("nan")
+
+
 @torch.no_grad()
 def accuracy_with_maps_replaced(model, tokens: Tensor, targets: Tensor, transform, tolerance: int = 0) -> float:
     """Accuracy (over targets != IGNORE) when every effective map into the neurons is replaced by `transform(map)`.
@@ -778,120 +629,45 @@ def accuracy_with_maps_replaced(model, tokens: Tensor, targets: Tensor, transfor
     return accuracy_with_neuron_inputs(model, tokens, targets, pre, tolerance)
 
 
-# --------------------------------------------------------------------- chapter 07: splits, paths by length, path patching
-def split_mlp_logits(model, pieces: list[Tensor]) -> Tensor:
-    """The logits of a one-layer model with an MLP when the MLP is applied to each piece of its input on its own, [batch, pos, vocab].
+# --------------------------------------------------------------------- chapter 06: positions in the Fibonacci model, and the addition model
+def positional_qk_scores(model, layer: int = 0, head: int = 0) -> Tensor:
+    """Position-only QK circuit W_pos W_Q W_K^T W_pos^T / sqrt(d_head), [query_pos, key_pos].
 
-    `pieces` are residual-stream tensors [batch, pos, d_model] that add up to the MLP's input
-    (resid_mid). The result is (sum(pieces) + sum_p MLP(p)) W_U + b_U, where the model computes
-    (sum(pieces) + MLP(sum(pieces))) W_U + b_U; with a single piece the two are the same. The
-    split [x, attn_out] is MLP(x) + MLP(attn); the split [x, piece_0, piece_1, ...] (head_pieces)
-    is the split per source token.
+    The part of every attention score that depends on the two positions and not on the tokens.
+    Entries above the diagonal (keys after the query) are never used.
     """
-    total = sum(pieces)
-    through_mlp = sum(mlp_output(model, piece) for piece in pieces)
-    return (total + through_mlp) @ model.W_U + model.b_U
+    queries = model.W_pos @ model.W_Q[layer, head]
+    keys = model.W_pos @ model.W_K[layer, head]
+    return queries @ keys.T / model.cfg.d_head**0.5
 
 
-def repeat_loss_and_accuracy(logits: Tensor, targets: Tensor) -> tuple[float, float]:
-    """(mean cross-entropy in nats, accuracy) over the positions whose target is not IGNORE; logits [batch, pos, vocab]."""
-    from utils.tasks import IGNORE
+def attention_on_recent(pattern: Tensor, window: int = 2, head: int = 0) -> Tensor:
+    """Mean attention each query position puts on itself and the window - 1 positions before it, [query_pos].
 
-    keep = targets != IGNORE
-    loss = torch.nn.functional.cross_entropy(logits[keep], targets[keep]).item()
-    return loss, (logits[keep].argmax(-1) == targets[keep]).float().mean().item()
-
-
-def path_logits_by_length(model, cache) -> dict[int, Tensor]:
-    """The logits of a two-layer attention-only model as a sum over paths, grouped by length, {0, 1, 2: [batch, pos, vocab]}.
-
-    With both attention patterns frozen at the cached ones: length 0 is the direct path
-    (embed + pos_embed) W_U + b_U; length 1 every layer-0 head and every layer-1 head fed by the
-    embeddings; length 2 every layer-1 head fed by a layer-0 head (the virtual heads). The three
-    add up to the logits.
+    pattern: [batch, head, query_pos, key_pos]; the mean is over the batch.
     """
-    by_length = {0: (cache["embed"] + cache["pos_embed"]) @ model.W_U + model.b_U, 1: 0.0, 2: 0.0}
-    for h in range(model.cfg.n_heads):
-        by_length[1] = by_length[1] + head_output(model, cache, 0, h) @ model.W_U
-        for source, term in unraveled_head_terms(model, cache, 1, h).items():
-            by_length[1 if source == "embed" else 2] = by_length[1 if source == "embed" else 2] + term @ model.W_U
-    return by_length
+    n = pattern.shape[-1]
+    q = torch.arange(n)[:, None]
+    k = torch.arange(n)[None, :]
+    recent = (k <= q) & (k > q - window)
+    return (pattern[:, head] * recent).sum(-1).mean(0)
 
 
-def patch_key_path(model, tokens: Tensor, corrupted: Tensor, sources: list[int], targets: list[int],
-                   reader: str = "k") -> Tensor:
-    """Logits [batch, pos, vocab] with one path patched: layer-0 heads `sources` -> the keys of layer-1 heads `targets`.
+def mean_pattern_on_targets(pattern: Tensor, targets: Tensor, head: int = 0) -> Tensor:
+    """Mean attention pattern of one head, [query_pos, key_pos], each query row averaged over the inputs
+    that have a target at that position (padding and positions past a sequence's end left out).
 
-    Only in the key input of the layer-1 heads `targets`, the outputs of the layer-0 heads
-    `sources` on `tokens` are replaced by their outputs on `corrupted` (same shape); every other
-    path (the queries and values of layer 1, the other layer-1 heads, the direct path to the
-    logits) still sees the clean outputs. The key is linear in its input, so the patch adds
-    (corrupted output - clean output) W_K to the key of each target head. `reader` "q" or "v"
-    patches the same outputs into the queries or the values instead (for comparison).
+    pattern: [batch, head, query_pos, key_pos]; targets: [batch, pos] with IGNORE where there is none.
+    A position without any target (position 0) is averaged over every input.
     """
-    change = layer0_output(model, corrupted, sources) - layer0_output(model, tokens, sources)
-    return model.run_with_hooks(tokens, fwd_hooks=[path_patch_hook(model, change, targets, reader)])
+    from utils import tasks
+
+    counts = (targets != tasks.IGNORE).float()  # [batch, query_pos]
+    counts[:, counts.sum(0) == 0] = 1.0
+    weights = counts / counts.sum(0)
+    return torch.einsum("bqk,bq->qk", pattern[:, head], weights)
 
 
-def layer0_output(model, tokens: Tensor, heads: list[int]) -> Tensor:
-    """What the layer-0 heads `heads` write to the residual stream on `tokens`, summed, [batch, pos, d_model]."""
-    _, cache = model.run_with_cache(tokens, names_filter=lambda name: name == get_act_name("z", 0))
-    return sum(cache["z", 0][:, :, h] @ model.W_O[0, h] for h in heads)
-
-
-def path_patch_hook(model, change: Tensor, targets: list[int], reader: str = "k") -> tuple:
-    """A (hook name, hook) pair that adds `change` [batch, pos, d_model] to the input of one reader of layer 1 only.
-
-    `reader` is "q", "k" or "v": the hook adds change W_Q (or W_K, W_V) of layer 1 to the queries
-    (keys, values) of the heads `targets`, which is what those heads would compute if the residual
-    stream had `change` added for them alone (each reader is linear in the stream).
-    """
-    weights = {"q": model.W_Q, "k": model.W_K, "v": model.W_V}[reader]
-
-    def patch(activation: Tensor, hook) -> Tensor:  # [batch, pos, head, d_head]
-        patched = activation.clone()
-        for h in targets:
-            patched[:, :, h] = patched[:, :, h] + change @ weights[1, h]
-        return patched
-
-    return get_act_name(reader, 1), patch
-
-
-def residual_components(model, cache) -> dict[str, Tensor]:
-    """Every term of an attention-only model's final residual stream: embed, pos_embed and each head's output, [batch, pos, d_model] each."""
-    parts = {"embed": cache["embed"], "pos_embed": cache["pos_embed"]}
-    for layer in range(model.cfg.n_layers):
-        for h in range(model.cfg.n_heads):
-            parts[f"L{layer}H{h}"] = head_output(model, cache, layer, h)
-    return parts
-
-
-def correct_logit_attribution(model, tokens: Tensor, targets: Tensor) -> dict[str, float]:
-    """Each component's mean direct contribution to the correct logit, {"embed", "pos_embed", "L0H0", ...: float}.
-
-    A component's contribution at a position is its output times W_U, centred on its mean over
-    the vocabulary (a constant added to every logit changes no prediction), read at the target
-    token; averaged over the positions whose target is not IGNORE. The contributions add up to
-    the model's centred correct logit (b_U, zero here, aside).
-    """
-    from utils.tasks import IGNORE
-
-    wanted = targets[targets != IGNORE][:, None]
-    return {name: (logits - logits.mean(-1, keepdim=True)).gather(-1, wanted).mean().item()
-            for name, logits in component_logits(model, tokens, targets).items()}
-
-
-def component_logits(model, tokens: Tensor, targets: Tensor) -> dict[str, Tensor]:
-    """Each term of residual_components unembedded at the positions with a target, {name: [n, vocab]}."""
-    from utils.tasks import IGNORE
-
-    keep = targets != IGNORE
-    _, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith(("hook_embed", "hook_pos_embed",
-                                                                                      "hook_z")))
-    return {name: part[keep] @ model.W_U for name, part in residual_components(model, cache).items()}
-
-
-# --------------------------------------------------------------------- chapter 06: the fibonacci model against the addition model
 @torch.no_grad()
 def accuracy_with_keys_dropped(model, tokens: Tensor, targets: Tensor, offsets, layer: int = 0,
                                batch_size: int = 2048) -> dict[int, tuple[float, float]]:

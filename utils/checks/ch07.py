@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from utils import circuits, fourier, models, proofs, tasks, train
+from utils import circuits, fourier, models, proofs, residual_paths, tasks, train
 from utils.checks.engine import (Attempt, Case, CheckFailed, Mistake, call_learner, check_case, compare,
                                  compare_float, compare_tensors, copies, diagnosis, exercise, matches, passed)
 from utils.checks.fixtures import (changed_copy, fresh_model, noisy_addition, noisy_model, random_causal_pattern,
@@ -28,11 +28,11 @@ def _one_layer_cases() -> list[Case]:
 
 
 def _direct_and_head(model, tokens: Tensor, pattern: Tensor) -> tuple[Tensor, Tensor]:
-    paths = circuits.one_layer_path_logits(model, tokens, pattern)
+    paths = residual_paths.one_layer_path_logits(model, tokens, pattern)
     return paths["direct"], paths["head 0"]
 
 
-@exercise("7.1", "the path expansion of a one-layer model", circuits.one_layer_path_logits, kind="implementation",
+@exercise("7.1", "the path expansion of a one-layer model", residual_paths.one_layer_path_logits, kind="implementation",
           hint="each path starts from the residual stream's input at every position (token and position); the head "
                "mixes the value vectors of the key positions with the pattern's rows, then writes and unembeds; "
                "return the two paths as a tuple, direct first.",
@@ -66,23 +66,23 @@ def _split_cases() -> list[Case]:
             _, cache = model.run_with_cache(pairs)
         x, attn = cache["embed"] + cache["pos_embed"], cache["attn_out", 0]
         cases.append((f"{where}, pieces [x, attn_out]", (model, [x, attn])))
-        cases.append((f"{where}, pieces per source token", (model, [x, *circuits.head_pieces(model, cache)])))
+        cases.append((f"{where}, pieces per source token", (model, [x, *residual_paths.head_pieces(model, cache)])))
     return cases
 
 
 check_split_mlp_logits = exercise(
-    "7.2", "the MLP split over its input's paths", circuits.split_mlp_logits, function="split_mlp_logits",
+    "7.2", "the MLP split over its input's paths", residual_paths.split_mlp_logits, function="split_mlp_logits",
     cases=_split_cases, atol=1e-3, rtol=1e-3,
     hint="the skip path carries every piece untouched; the MLP (ReLU included) runs once per piece, on that piece "
          "alone, and its outputs are added; the total is unembedded.",
     mistakes=(
         Mistake("the MLP applied once, to the whole input (the exact model, not the split)",
                 "the question is what goes wrong when the MLP sees each piece separately: call it once per piece.",
-                lambda model, pieces: (sum(pieces) + circuits.mlp_output(model, sum(pieces))) @ model.W_U + model.b_U),
+                lambda model, pieces: (sum(pieces) + residual_paths.mlp_output(model, sum(pieces))) @ model.W_U + model.b_U),
         Mistake("the skip path left out",
                 "the residual stream still carries the pieces themselves past the MLP, and the unembedding reads "
                 "them too.",
-                lambda model, pieces: sum(circuits.mlp_output(model, p) for p in pieces) @ model.W_U + model.b_U),
+                lambda model, pieces: sum(residual_paths.mlp_output(model, p) for p in pieces) @ model.W_U + model.b_U),
         Mistake("the MLP without its ReLU",
                 "without the non-linearity the split would be exact; the MLP is relu(x W_in + b_in) W_out + b_out.",
                 lambda model, pieces: (sum(pieces) + sum(p @ model.W_in[0] @ model.W_out[0] for p in pieces))
@@ -96,7 +96,7 @@ def _induction_attention_cases() -> list[Case]:
 
 
 check_induction_attention = exercise(
-    "7.3", "induction attention", circuits.induction_attention, function="induction_attention",
+    "7.3", "induction attention", residual_paths.induction_attention, function="induction_attention",
     kind="implementation", cases=_induction_attention_cases, atol=1e-6,
     hint="only the queries of the second copy count; each looks at the position just after its own token's earlier "
          "occurrence, half positions back plus one; average over the batch and those queries, one number per head.",
@@ -104,13 +104,13 @@ check_induction_attention = exercise(
         Mistake("the previous position (a previous-token head's key)",
                 "an induction head looks at what came after the earlier copy of the current token, not at the "
                 "position just before the query.",
-                lambda p, half: circuits.attention_to_offset(p[:, :, half - 1:, half - 1:], 1)),
+                lambda p, half: residual_paths.attention_to_offset(p[:, :, half - 1:, half - 1:], 1)),
         Mistake("the earlier occurrence of the same token",
                 "the head copies the token that followed the earlier occurrence, one position later.",
-                lambda p, half: circuits.attention_to_offset(p, half)),
+                lambda p, half: residual_paths.attention_to_offset(p, half)),
         Mistake("the last query of the first copy counted too",
                 "only queries in the second copy (from position half on) have an earlier occurrence to look back to.",
-                lambda p, half: circuits.attention_to_offset(p, half - 1)),
+                lambda p, half: residual_paths.attention_to_offset(p, half - 1)),
     ))
 
 
@@ -125,18 +125,18 @@ def _patch_cases() -> list[Case]:
 
 def _patched_everywhere(model, tokens, corrupted, sources, targets) -> Tensor:
     """The change the path patch makes, added to the whole layer-1 input instead of the target heads' keys."""
-    change = circuits.layer0_output(model, corrupted, sources) - circuits.layer0_output(model, tokens, sources)
+    change = residual_paths.layer0_output(model, corrupted, sources) - residual_paths.layer0_output(model, tokens, sources)
     return model.run_with_hooks(tokens, fwd_hooks=[("blocks.1.hook_resid_pre", lambda resid, hook: resid + change)])
 
 
 def _zero_ablated(model, tokens, corrupted, sources, targets) -> Tensor:
     """The target heads' keys with the sources' clean output taken away, not replaced."""
-    change = -circuits.layer0_output(model, tokens, sources)
-    return model.run_with_hooks(tokens, fwd_hooks=[circuits.path_patch_hook(model, change, targets)])
+    change = -residual_paths.layer0_output(model, tokens, sources)
+    return model.run_with_hooks(tokens, fwd_hooks=[residual_paths.path_patch_hook(model, change, targets)])
 
 
 check_patch_key_path = exercise(
-    "7.4", "patch one path: into the induction head's keys", circuits.patch_key_path, function="patch_key_path",
+    "7.4", "patch one path: into the induction head's keys", residual_paths.patch_key_path, function="patch_key_path",
     cases=_patch_cases, atol=1e-3, rtol=1e-3,
     hint="the layer-1 key is a linear function of the residual stream, which is a sum: swapping one term of that "
          "sum changes the key by the difference of the two versions of the term, passed through the key weights of "
@@ -145,13 +145,13 @@ check_patch_key_path = exercise(
         Mistake("the patch put into the queries",
                 "the path under test ends in the keys of the layer-1 heads: the query reads the current token, the "
                 "key reads what the previous-token head wrote.",
-                lambda *args: circuits.patch_key_path(*args, reader="q")),
+                lambda *args: residual_paths.patch_key_path(*args, reader="q")),
         Mistake("the layer-0 output replaced on every path into layer 1 (queries and values too)",
                 "patch one path only: the layer-1 input stays clean for the queries, the values and the logits.",
                 _patched_everywhere),
         Mistake("every layer-1 head patched, not only the target heads",
                 "the other layer-1 heads keep their clean keys: the path ends in the target heads.",
-                lambda model, tokens, corrupted, sources, targets: circuits.patch_key_path(
+                lambda model, tokens, corrupted, sources, targets: residual_paths.patch_key_path(
                     model, tokens, corrupted, sources, list(range(model.cfg.n_heads)))),
         Mistake("the layer-0 output removed from the keys (zero-ablated) instead of replaced",
                 "a patch swaps the clean output for the output on the corrupted tokens, so the key still gets a "
@@ -172,23 +172,23 @@ def _attribution_cases() -> list[Case]:
 def _raw_logits(model, tokens: Tensor, targets: Tensor) -> dict:
     wanted = targets[targets != IGNORE][:, None]
     return {name: logits.gather(-1, wanted).mean().item()
-            for name, logits in circuits.component_logits(model, tokens, targets).items()}
+            for name, logits in residual_paths.component_logits(model, tokens, targets).items()}
 
 
 def _current_token(model, tokens: Tensor, targets: Tensor) -> dict:
     """The reference read at the token each position holds: its targets replaced by the tokens."""
-    return circuits.correct_logit_attribution(model, tokens, torch.where(targets != IGNORE, tokens, IGNORE))
+    return residual_paths.correct_logit_attribution(model, tokens, torch.where(targets != IGNORE, tokens, IGNORE))
 
 
 def _norms(model, tokens: Tensor, targets: Tensor) -> dict:
     _, cache = model.run_with_cache(tokens)
     keep = targets != IGNORE
     return {name: part[keep].norm(dim=-1).mean().item()
-            for name, part in circuits.residual_components(model, cache).items()}
+            for name, part in residual_paths.residual_components(model, cache).items()}
 
 
 check_correct_logit_attribution = exercise(
-    "7.5", "who writes the answer?", circuits.correct_logit_attribution, function="correct_logit_attribution",
+    "7.5", "who writes the answer?", residual_paths.correct_logit_attribution, function="correct_logit_attribution",
     cases=_attribution_cases, atol=1e-3, rtol=1e-3,
     hint="split the final residual stream into its terms (the two embeddings and every head's output); unembed "
          "each term, subtract its mean over the vocabulary, read it at the target token, and average over the "
