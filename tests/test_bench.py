@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from utils import bench, models, train
+from utils import models, train
+from utils.tooling import bench
 
 
 def _randomised_bridge(name: str, seed: int = 0):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from utils import binder
+from utils.tooling import binder
 
 ROOT = binder.REPO_ROOT
 

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import pytest
 
-from utils import notebooks
+from utils.tooling import notebooks
 
 pytestmark = pytest.mark.browser
 

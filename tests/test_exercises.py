@@ -14,7 +14,8 @@ import nbformat
 import pytest
 import torch
 
-from utils import checks, notebooks
+from utils import checks
+from utils.tooling import notebooks
 from utils.checks import CheckFailed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,7 +71,7 @@ def test_heading_stub_and_check_cell_agree_with_the_spec(spec):
 def test_every_heading_has_a_spec():
     for chapter in SOLUTIONS:
         for number in _exercise_cells(chapter):
-            assert number in checks.EXERCISES, f"chapter {chapter:02d}: Exercise {number} has no spec in utils/checks.py"
+            assert number in checks.EXERCISES, f"chapter {chapter:02d}: Exercise {number} has no spec in utils/checks/ch{chapter:02d}.py"
 
 
 @pytest.mark.parametrize("chapter", sorted(STANDARD))
@@ -157,3 +158,42 @@ def test_the_chapters_fold_each_solution_and_the_workshop_build_leaves_them_out(
     assert not [c for c in bare.cells if notebooks.SOLUTION_FOLD_TAG in c.metadata.get("tags", [])]
     assert len(bare.cells) == len(chapter.cells) - len(folds)
     assert notebooks.main(["--no-solutions", "--out", str(ROOT / "chapters")]) == 1
+
+
+def _chapter_table(text: str) -> dict[int, list[str]]:
+    """The rows of a Markdown table whose first cell names a chapter ("00 Tour" or a link to it), by chapter."""
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and (m := re.match(r"\[?(\d\d) ", cells[0])):
+            rows[int(m.group(1))] = cells
+    return rows
+
+
+def _minutes(text: str) -> int:
+    hours = re.search(r"(\d+) h", text)
+    return (int(hours.group(1)) * 60 if hours else 0) + int(re.search(r"(\d+) min", text).group(1))
+
+
+def test_instructors_table_and_the_readme_map_agree_with_the_chapters_and_the_specs():
+    """The figures INSTRUCTORS.md and the README repeat come from one place each: an exercise's rating from its
+    heading, a chapter's time from its first cell, the count from the specs, run times from the benchmark (stated
+    in both files, which must agree)."""
+    instructors = _chapter_table((ROOT / "INSTRUCTORS.md").read_text())
+    readme = _chapter_table((ROOT / "README.md").read_text())
+    assert sorted(instructors) == sorted(readme) == sorted(SOLUTIONS)
+    rating = re.compile(r"Difficulty: ([🔴⚪]{3})\s+Importance: ([🔵⚪]{3})")
+    for chapter, nb in SOLUTIONS.items():
+        stated = re.search(r"\*\*Time:\*\* about (\d+) minutes", nb.cells[0].source)
+        _, learner, run, _, exercises = instructors[chapter]
+        assert stated and learner == f"{stated.group(1)} min", (chapter, learner)
+        assert readme[chapter][-2:] == [learner, run], (chapter, readme[chapter][-2:], learner, run)
+        expected = []
+        for number, (heading, _, _) in _exercise_cells(chapter).items():
+            difficulty, importance = rating.search(heading).groups()
+            expected.append(f"{number} {'🔴' * difficulty.count('🔴')} {'🔵' * importance.count('🔵')}")
+        assert exercises.split(" · ") == expected, (chapter, exercises, expected)
+    total = re.search(r"\| \*\*all\*\* \| \*\*(.+?)\*\* \|.*\| (\d+) exercises \|", (ROOT / "INSTRUCTORS.md").read_text())
+    assert total, "no totals row in INSTRUCTORS.md"
+    assert _minutes(total.group(1)) == sum(_minutes(row[1]) for row in instructors.values())
+    assert int(total.group(2)) == len(checks.EXERCISES)

@@ -13,7 +13,8 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-from utils import checks, grade, notebooks
+from utils import checks
+from utils.tooling import grade, notebooks
 
 ROOT = notebooks.REPO_ROOT
 CHAPTER = ROOT / "chapters" / "03_qk_ov.ipynb"

@@ -16,7 +16,7 @@ import pytest
 from nbformat import NotebookNode
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
-from utils import notebooks as nbs
+from utils.tooling import notebooks as nbs
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 STUB = ["    # YOUR CODE HERE", '    raise NotImplementedError("not implemented yet")']

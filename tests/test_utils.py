@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from transformer_lens import TransformerBridge, TransformerBridgeConfig
 
-import utils
+from utils import runtime
 from utils import circuits, models, tasks, train
 
 IGNORE = tasks.IGNORE
@@ -742,7 +742,8 @@ def _fake_shell() -> SimpleNamespace:
 
 
 _HEAP_HOLES = """
-import json, psutil, torch, utils
+import json, psutil, torch
+from utils import runtime
 rss = lambda: psutil.Process().memory_info().rss
 torch.ones(2**18)  # freeing one 1 MB block makes glibc serve the next ones from its heap
 kept, freed = [], []
@@ -750,7 +751,7 @@ for i in range(256):
     (kept if i % 2 else freed).append(torch.ones(2**18))  # 1 MB each, touched, alternately kept
 del freed  # 128 MB of holes between live blocks: nothing at the heap's top to give back
 before = rss()
-released = utils.release_freed_memory()
+released = runtime.release_freed_memory()
 print(json.dumps({"released": released, "drop": before - rss()}))
 """
 
@@ -772,10 +773,10 @@ def test_release_freed_memory_gives_the_freed_heap_back():
 
 def test_memory_is_released_after_every_notebook_cell_once(monkeypatch):
     calls = []
-    monkeypatch.setattr(utils, "_malloc_trim", lambda pad: calls.append(pad) or 1)
+    monkeypatch.setattr(runtime, "_malloc_trim", lambda pad: calls.append(pad) or 1)
     shell = _fake_shell()
-    utils.release_memory_after_every_cell(shell)
-    utils.release_memory_after_every_cell(shell)  # importing utils again registers nothing more
+    runtime.release_memory_after_every_cell(shell)
+    runtime.release_memory_after_every_cell(shell)  # importing utils again registers nothing more
     shell.events.trigger("post_run_cell", None)
     assert calls == [0]
 
@@ -791,9 +792,24 @@ def test_memory_release_does_nothing_without_malloc_trim(monkeypatch):
     import ctypes
 
     monkeypatch.setattr(ctypes, "CDLL", lambda *_: _LibcWithoutTrim())
-    assert utils._find_malloc_trim() is None
-    monkeypatch.setattr(utils, "_malloc_trim", None)
-    assert utils.release_freed_memory() is False
+    assert runtime._find_malloc_trim() is None
+    monkeypatch.setattr(runtime, "_malloc_trim", None)
+    assert runtime.release_freed_memory() is False
     shell = _fake_shell()
-    utils.release_memory_after_every_cell(shell)
+    runtime.release_memory_after_every_cell(shell)
     assert shell.events.callbacks["post_run_cell"] == []
+
+
+def test_the_tools_and_the_package_start_without_torch():
+    """Importing utils or a tool that runs no model (the chapter builder, the grader, Binder) loads no torch (the
+    benchmark does: it times the models); the thread and memory settings come with the torch modules."""
+    import subprocess
+
+    code = ("import sys, utils, utils.tooling.notebooks, utils.tooling.grade, utils.tooling.binder; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr
+    code = "import torch; from utils import circuits; print(torch.get_num_threads())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={k: v for k, v in __import__("os").environ.items() if k != "CIRCUITS_TORCH_THREADS"})
+    assert out.stdout.strip() == "1"

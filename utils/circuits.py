@@ -8,6 +8,7 @@ attention patterns as [batch, head, query_pos, key_pos].
 
 from __future__ import annotations
 
+from utils import runtime  # noqa: F401  (one torch thread; freed memory back after every cell)
 import torch
 from torch import Tensor
 from transformer_lens.utilities import get_act_name

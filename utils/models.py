@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from utils import runtime  # noqa: F401  (one torch thread; freed memory back after every cell)
 import torch
 from torch import Tensor
 from transformer_lens import TransformerBridge, TransformerBridgeConfig

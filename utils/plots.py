@@ -7,6 +7,7 @@ from typing import Sequence
 
 import plotly.express as px
 import plotly.graph_objects as go
+from utils import runtime  # noqa: F401  (one torch thread; freed memory back after every cell)
 import torch
 from torch import Tensor
 

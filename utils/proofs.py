@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import time
 
+from utils import runtime  # noqa: F401  (one torch thread; freed memory back after every cell)
 import torch
 from torch import Tensor
 

@@ -21,6 +21,7 @@ Inputs are bare token lists: no separators, no BOS token.
 
 from __future__ import annotations
 
+from utils import runtime  # noqa: F401  (one torch thread; freed memory back after every cell)
 import torch
 from torch import Tensor
 

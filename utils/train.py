@@ -17,6 +17,7 @@ from pathlib import Path
 from dataclasses import asdict
 from typing import Callable
 
+from utils import runtime  # noqa: F401  (one torch thread; freed memory back after every cell)
 import torch
 import torch.nn.functional as F
 from torch import Tensor

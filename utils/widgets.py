@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import plotly.graph_objects as go
+from utils import runtime  # noqa: F401  (one torch thread; freed memory back after every cell)
 import torch
 
 from utils import circuits, plots
