@@ -192,23 +192,20 @@ def test_accuracy_with_zeroed_neuron_inputs_is_low(addition):
     assert acc < 0.1
 
 
+def _keeping(freqs):
+    return lambda m: fourier.keep_frequencies(m, list(freqs))
+
+
+def _removing(freqs):
+    return lambda m: fourier.remove_frequencies(m, list(freqs))
+
+
 def test_keeping_every_frequency_keeps_full_accuracy(addition):
     model, tokens, targets, _ = addition
     with torch.no_grad():
-        assert circuits.accuracy_keeping_frequencies(model, tokens, targets, range(1, 65)) == 1.0
+        assert circuits.accuracy_with_maps_replaced(model, tokens, targets, _keeping(range(1, 65))) == 1.0
         # removing nothing is the same
-        assert circuits.accuracy_keeping_frequencies(model, tokens, targets, [], keep=False) == 1.0
-
-
-def test_keeping_frequencies_in_chunks_counts_every_target_once(fibonacci):
-    """Chunks hold different numbers of targets (the padding has none): the accuracy is over all
-    targets together, not a mean over chunks."""
-    model, tokens, targets, _ = fibonacci
-    whole = circuits.accuracy_keeping_frequencies(model, tokens, targets, [1, 2, 3, 4], batch_size=len(tokens))
-    assert 0.1 < whole < 0.9  # some right, some wrong: a miscount would move it
-    for batch_size in (1000, 4096):
-        chunked = circuits.accuracy_keeping_frequencies(model, tokens, targets, [1, 2, 3, 4], batch_size=batch_size)
-        assert chunked == pytest.approx(whole, abs=1e-9)
+        assert circuits.accuracy_with_maps_replaced(model, tokens, targets, _removing([])) == 1.0
 
 
 def test_key_frequencies_carry_much_but_not_all_of_addition(addition):
@@ -216,9 +213,9 @@ def test_key_frequencies_carry_much_but_not_all_of_addition(addition):
     with torch.no_grad():
         maps = torch.cat([circuits.token_to_neuron(model, k) for k in range(2)], dim=1)
         key = fourier.key_frequencies(maps, coverage=0.9)
-        kept = circuits.accuracy_keeping_frequencies(model, tokens, targets, key)
-        removed = circuits.accuracy_keeping_frequencies(model, tokens, targets, key, keep=False)
-        kept_tol = circuits.accuracy_keeping_frequencies(model, tokens, targets, key, tolerance=2)
+        kept = circuits.accuracy_with_maps_replaced(model, tokens, targets, _keeping(key))
+        removed = circuits.accuracy_with_maps_replaced(model, tokens, targets, _removing(key))
+        kept_tol = circuits.accuracy_with_maps_replaced(model, tokens, targets, _keeping(key), tolerance=2)
     chance = 1 / model.cfg.d_vocab
     assert 0.2 < kept < 0.7, kept
     assert kept > 10 * chance

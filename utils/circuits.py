@@ -592,30 +592,6 @@ def accuracy_with_neuron_inputs(model, tokens: Tensor, targets: Tensor, pre: Ten
 
 
 @torch.no_grad()
-def accuracy_keeping_frequencies(model, tokens: Tensor, targets: Tensor, freqs, keep: bool = True,
-                                 tolerance: int = 0, batch_size: int = 2048) -> float:
-    """Accuracy when every token-to-neuron map keeps only the frequencies `freqs` (the constant
-    part always stays), with the measured attention; with keep=False those frequencies are removed instead.
-
-    Runs `batch_size` inputs at a time: all 8,256 Fibonacci inputs at once peaked some 230 MB higher.
-    """
-    from utils import fourier
-
-    freqs = list(freqs)
-    if keep:
-        transform = lambda m: fourier.keep_frequencies(m, freqs)  # noqa: E731
-    else:
-        transform = lambda m: fourier.remove_frequencies(m, freqs)  # noqa: E731
-    right = counted = 0
-    for chunk, chunk_targets in zip(tokens.split(batch_size), targets.split(batch_size)):
-        _, cache = model.run_with_cache(chunk, names_filter=get_act_name("pattern", 0))
-        pre = neuron_inputs(model, chunk, cache["pattern", 0], transform)
-        r, n = _right_with_neuron_inputs(model, chunk, chunk_targets, pre, tolerance)
-        right, counted = right + r, counted + n
-    return right / counted if counted else float("nan")
-
-
-@torch.no_grad()
 def accuracy_with_maps_replaced(model, tokens: Tensor, targets: Tensor, transform, tolerance: int = 0) -> float:
     """Accuracy (over targets != IGNORE) when every effective map into the neurons is replaced by `transform(map)`.
 

@@ -157,17 +157,27 @@ def sinusoid_residual(values: Tensor, period: int | None = None, max_freq: int =
     range. Returns (residual share [...], best frequency [...]): the fraction of each column's
     variance the best one-frequency fit leaves unexplained, and that frequency.
     """
-    flat = values.double().reshape(values.shape[0], -1)
     t = torch.arange(values.shape[0], dtype=torch.float64)
-    best = torch.full((flat.shape[1],), float("inf"), dtype=torch.float64)
-    best_f = torch.zeros(flat.shape[1], dtype=torch.long)
-    for f in range(1, max_freq + 1):
+
+    def wave(f: int) -> Tensor:
         angle = 2 * math.pi * f * t / (period or values.shape[0])
-        basis = torch.stack([torch.ones_like(t), torch.cos(angle), torch.sin(angle)], dim=1)
-        share = _residual_share(flat, basis @ torch.linalg.lstsq(basis, flat).solution)
+        return torch.stack([torch.ones_like(t), torch.cos(angle), torch.sin(angle)], dim=1)
+
+    share, best_f = best_fit_among(values, ((f, wave(f)) for f in range(1, max_freq + 1)))
+    return share.to(values.dtype), best_f.long()
+
+
+def best_fit_among(values: Tensor, bases) -> tuple[Tensor, Tensor]:
+    """The least-squares fit, among labelled bases (label, [n, k]), that leaves each column of `values` [n, ...]
+    the least unexplained variance: (that residual share [...], its basis's label [...]), in float64."""
+    flat = values.double().reshape(values.shape[0], -1)
+    best = torch.full((flat.shape[1],), float("inf"), dtype=torch.float64)
+    label = torch.zeros(flat.shape[1], dtype=torch.float64)
+    for name, basis in bases:
+        share = _residual_share(flat, fit_in_basis(flat, basis))
         better = share < best
-        best, best_f = torch.where(better, share, best), torch.where(better, f, best_f)
-    return best.reshape(values.shape[1:]).to(values.dtype), best_f.reshape(values.shape[1:])
+        best, label = torch.where(better, share, best), torch.where(better, float(name), label)
+    return best.reshape(values.shape[1:]), label.reshape(values.shape[1:])
 
 
 def polynomial_fit(values: Tensor, degree: int) -> Tensor:
@@ -176,10 +186,7 @@ def polynomial_fit(values: Tensor, degree: int) -> Tensor:
     A smooth, non-periodic basis of degree + 1 functions (Legendre polynomials over the n tokens):
     the null against which keeping the constant and k frequencies (2 k + 1 functions) is compared.
     """
-    flat = values.double().reshape(values.shape[0], -1)
-    x = torch.linspace(-1, 1, values.shape[0], dtype=torch.float64)
-    basis = torch.stack([torch.special.legendre_polynomial_p(x, d) for d in range(degree + 1)], dim=1)
-    return (basis @ torch.linalg.lstsq(basis, flat).solution).reshape(values.shape).to(values.dtype)
+    return fit_in_basis(values, legendre_basis(values.shape[0], degree))
 
 
 def relu_ramp_residual(values: Tensor) -> Tensor:
@@ -360,14 +367,7 @@ def sinusoid_trend_residual(values: Tensor, periods: Iterable[float] = torch.ara
     Returns (residual share [...], best period in tokens [...]): the fraction of each column's variance
     the best fit leaves unexplained, and its period.
     """
-    flat = values.double().reshape(values.shape[0], -1)
-    best = torch.full((flat.shape[1],), float("inf"), dtype=torch.float64)
-    best_period = torch.zeros(flat.shape[1], dtype=torch.float64)
-    for period in periods:
-        share = _residual_share(flat, fit_in_basis(flat, helix_basis(flat.shape[0], [period])))
-        better = share < best
-        best, best_period = torch.where(better, share, best), torch.where(better, float(period), best_period)
-    return best.reshape(values.shape[1:]), best_period.reshape(values.shape[1:])
+    return best_fit_among(values, ((period, helix_basis(values.shape[0], [period])) for period in periods))
 
 
 def polynomial_residual(values: Tensor, degree: int) -> Tensor:
