@@ -27,3 +27,21 @@ def reading_only():
 
     with torch.no_grad():
         yield
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under `--dist loadgroup`, keep the tests marked with one xdist_group on one worker.
+
+    pytest-xdist 3.8 marks them by appending "@group" to `item._nodeid`, but pytest 9 keeps a node's id in
+    `item._id`, so the mark is lost and the group's expensive session fixture (the graded class) was built
+    on both workers. This does what xdist means to.
+    """
+    if not getattr(config.option, "loadgroup", False):
+        return
+    from _pytest.nodeid import coerce_node_id
+
+    for item in items:
+        group = "_".join(sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                                 for m in item.iter_markers("xdist_group")}))
+        if group and not item.nodeid.endswith(f"@{group}"):
+            item._id = coerce_node_id(f"{item.nodeid}@{group}")

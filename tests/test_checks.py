@@ -6,6 +6,7 @@ exercise label, what went wrong and a hint. Never a raw exception or a traceback
 
 from __future__ import annotations
 
+import inspect
 import math
 import types
 
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 
 from utils import checks
 from utils import circuits as _circuits, fourier as _fourier, models as _models, tasks as _tasks, train as _train
-from utils import proofs as _proofs
+from utils import proofs as _proofs, residual_paths as _residual_paths
 from utils.checks import CheckFailed
 
 
@@ -32,6 +33,7 @@ class _Unwatched(types.SimpleNamespace):
         namespace = dict(vars(module))
         for name, value in vars(module).items():
             if isinstance(value, types.FunctionType) and value.__module__ == module.__name__:
+                value = inspect.unwrap(value)  # a @torch.no_grad() function: copy the function it wraps
                 code = value.__code__.replace(co_name=f"{name}_copy", co_qualname=f"{name}_copy")
                 namespace[name] = types.FunctionType(code, namespace, name, value.__defaults__, value.__closure__)
                 namespace[name].__kwdefaults__ = value.__kwdefaults__
@@ -39,13 +41,14 @@ class _Unwatched(types.SimpleNamespace):
 
 
 circuits, fourier, models, tasks, train = map(_Unwatched, (_circuits, _fourier, _models, _tasks, _train))
-proofs = _Unwatched(_proofs)
+proofs, residual_paths = _Unwatched(_proofs), _Unwatched(_residual_paths)
 
 IGNORE = tasks.IGNORE
 NAN = float("nan")
 
 _UNWATCHED = {module.__name__: copy for module, copy in [(_circuits, circuits), (_fourier, fourier), (_models, models),
-                                                           (_tasks, tasks), (_train, train), (_proofs, proofs)]}
+                                                           (_tasks, tasks), (_train, train), (_proofs, proofs),
+                                                           (_residual_paths, residual_paths)]}
 # references that are not the spec's own: full_ov returns a FactoredMatrix, the learner returns a tensor; the
 # one-layer path expansion is defined below
 _OTHER_REFERENCES = {"full_ov_circuit": lambda model: model.W_E @ model.W_V[0, 0] @ model.W_O[0, 0] @ model.W_U,
@@ -903,3 +906,17 @@ def test_no_checker_function_copies_a_function_of_the_course(chapter):
             if matcher.real_quick_ratio() >= 0.6 and matcher.quick_ratio() >= 0.6 and matcher.ratio() >= 0.6:
                 copies.append(f"{name} ~ {other} ({matcher.ratio():.0%})")
     assert not copies, "checker functions that copy the course's code: " + "; ".join(copies)
+
+
+def test_a_decorated_reference_is_watched_by_its_own_code():
+    """answer_agreement is wrapped by @torch.no_grad(), whose wrapper every such function shares: calling another
+    decorated function is no call of the reference, calling the reference still is."""
+    assert _circuits.answer_agreement.__code__ is _circuits.accuracy_with_maps_replaced.__code__  # the shared wrapper
+
+    def uses_a_decorated_helper(model, other, pairs):
+        _circuits.accuracy_with_maps_replaced  # noqa: B018  (only to show the helper is at hand)
+        with torch.no_grad():
+            return (model(pairs)[:, 1].argmax(-1) == other(pairs)[:, 1].argmax(-1)).float().mean().item()
+
+    checks.check_answer_agreement(uses_a_decorated_helper)
+    assert "calls circuits.answer_agreement" in _fails("answer_agreement", lambda m, o, p: _circuits.answer_agreement(m, o, p))

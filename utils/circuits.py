@@ -395,16 +395,20 @@ def run_without_query_part(model, tokens: Tensor, part: str | None, layer: int =
     return logits, patterns["pattern"]
 
 
-def qk_score_table(model, layer: int = 0, head: int = 0) -> Tensor:
+def qk_score_table(model, layer: int = 0, head: int = 0, dtype: torch.dtype = torch.float32,
+                   biases: bool = False) -> Tensor:
     """Every attention score of the head, [query_pos, query token, key_pos, key token].
 
     Entry [q, a, k, b] is full_qk_positional(model, q, k)[a, b]; entries with k > q exist but are
-    never used (the causal mask hides those keys).
+    never used (the causal mask hides those keys). With `biases` the query and key biases are in
+    (the course's models have none); `dtype` is the precision it is computed in (chapter 08's proof
+    uses float64).
     """
-    scale = model.cfg.d_head**0.5
-    queries = (model.W_E[None] + model.W_pos[:, None]) @ model.W_Q[layer, head]  # [pos, vocab, d_head]
-    keys = (model.W_E[None] + model.W_pos[:, None]) @ model.W_K[layer, head]
-    return torch.einsum("pad,kbd->pakb", queries, keys) / scale
+    w = lambda weight: weight.detach().to(dtype) if dtype != torch.float32 else weight  # noqa: E731
+    residual = w(model.W_E)[None] + w(model.W_pos)[:, None]  # [pos, vocab, d_model]
+    queries = residual @ w(model.W_Q[layer, head]) + (w(model.b_Q[layer, head]) if biases else 0)  # [pos, vocab, d_head]
+    keys = residual @ w(model.W_K[layer, head]) + (w(model.b_K[layer, head]) if biases else 0)
+    return torch.einsum("pad,kbd->pakb", queries, keys) / model.cfg.d_head**0.5
 
 
 def list_configurations(query_pos: int, same_position: bool = False):
@@ -450,10 +454,14 @@ def worst_margin_by_gap(model, query_pos: int, same_position: bool = False, poss
     return out
 
 
-def ov_logit_table(model, layer: int = 0, head: int = 0) -> Tensor:
-    """The OV circuit with positions, (W_E + W_pos[k]) W_V W_O W_U, [key_pos, vocab (attended token), vocab (logit)]."""
-    residual = model.W_E[None] + model.W_pos[:, None]  # [pos, vocab, d_model]
-    return residual @ model.W_V[layer, head] @ model.W_O[layer, head] @ model.W_U
+def ov_logit_table(model, layer: int = 0, head: int = 0, dtype: torch.dtype = torch.float32,
+                   biases: bool = False) -> Tensor:
+    """The OV circuit with positions, (W_E + W_pos[k]) W_V W_O W_U, [key_pos, vocab (attended token), vocab (logit)];
+    with `biases`, (x W_V + b_V) W_O W_U, in precision `dtype` (see qk_score_table)."""
+    w = lambda weight: weight.detach().to(dtype) if dtype != torch.float32 else weight  # noqa: E731
+    residual = w(model.W_E)[None] + w(model.W_pos)[:, None]  # [pos, vocab, d_model]
+    values = residual @ w(model.W_V[layer, head]) + (w(model.b_V[layer, head]) if biases else 0)
+    return values @ w(model.W_O[layer, head]) @ w(model.W_U)
 
 
 def attention_needed(model, worst_rest: bool = False, layer: int = 0, head: int = 0) -> Tensor:

@@ -28,7 +28,7 @@ from utils import runtime  # noqa: F401  (one torch thread; freed memory back af
 import torch
 from torch import Tensor
 
-from utils import tasks
+from utils import circuits, tasks
 
 FLOAT32_UNIT = 2.0**-24  # u: the relative error of one float32 rounding (round to nearest)
 FLOAT64_UNIT = 2.0**-53
@@ -71,12 +71,9 @@ def circuit_pieces(model, n: int) -> tuple[Tensor, Tensor, Tensor]:
     """
     w = _checked_weights(model)
     q = n - 1
-    residual = w["W_E"][None] + w["W_pos"][:n, None]  # [k, y, d_model]
-    queries = residual[q] @ w["W_Q"] + w["b_Q"]  # [t, d_head]
-    keys = residual @ w["W_K"] + w["b_K"]  # [k, y, d_head]
-    scores = torch.einsum("td,kyd->tky", queries, keys) / math.sqrt(model.cfg.d_head)
-    ov = (residual @ w["W_V"] + w["b_V"]) @ w["W_O"] @ w["W_U"]
-    direct = residual[q] @ w["W_U"] + w["b_O"] @ w["W_U"] + w["b_U"]
+    scores = circuits.qk_score_table(model, dtype=torch.float64, biases=True)[q, :, :n]
+    ov = circuits.ov_logit_table(model, dtype=torch.float64, biases=True)[:n]
+    direct = (w["W_E"] + w["W_pos"][q]) @ w["W_U"] + w["b_O"] @ w["W_U"] + w["b_U"]
     return scores, ov, direct
 
 

@@ -15,6 +15,7 @@ This protects grading (``python -m utils.grade``), where a submission is run as 
 from __future__ import annotations
 
 import builtins
+import inspect
 import math
 import sys
 import types
@@ -135,7 +136,7 @@ def verify_untouched(attempt, when: str, also_changed: tuple[str, ...] = (), *,
 
 def _stand_ins(spec) -> set:
     """The course's own functions a test may pass for a learner's: the references and the named mistakes."""
-    return {getattr(f, "__code__", None) for f in (*spec.references, *(m.gives for m in spec.mistakes))}
+    return {getattr(inspect.unwrap(f), "__code__", None) for f in (*spec.references, *(m.gives for m in spec.mistakes))}
 
 
 def run_watched(fn: Callable, attempt, *args: Any, _verify: Callable = verify_untouched,
@@ -145,8 +146,10 @@ def run_watched(fn: Callable, attempt, *args: Any, _verify: Callable = verify_un
     Returns (the references it called, its result). Exceptions from `fn` pass through.
     """
     spec = attempt.spec
-    watched = {ref.__code__: f"{ref.__module__.removeprefix('utils.')}.{ref.__qualname__}" for ref in spec.references}
-    if getattr(fn, "__code__", None) in _stand_ins(spec):
+    # a decorated reference (@torch.no_grad()) is watched by its own code, not the decorator's, which it shares
+    watched = {inspect.unwrap(ref).__code__: f"{ref.__module__.removeprefix('utils.')}.{ref.__qualname__}"
+               for ref in spec.references}
+    if getattr(inspect.unwrap(fn), "__code__", None) in _stand_ins(spec):
         watched = {}
     called: list[str] = []
 
