@@ -49,7 +49,7 @@ test-fast: $(STAMP)
 # screenshots/
 test-browser: $(STAMP)
 	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
-	$(BIN)/python -m pytest -q -m browser tests/test_browser.py
+	$(BIN)/python -m pytest -q -m browser tests/tooling/test_browser.py
 
 chapters: $(STAMP)
 	$(BIN)/python -m utils.notebooks

@@ -15,7 +15,7 @@ What is proved is about the model as it runs: in float32, with its own order of 
 circuits are evaluated in float64, and a cell is certified only when its worst margin clears the
 rounding allowance (rounding_allowance): a standard bound on the float32 error of every dot
 product, sum and softmax in the forward pass, derived from the sizes of the terms summed. So a
-certified cell holds no list that the float32 model answers wrong (tests/test_proofs.py checks it
+certified cell holds no list that the float32 model answers wrong (tests/api/test_proofs.py checks it
 against brute force, on near-tie, sharp-attention, biased and damaged models).
 """
 

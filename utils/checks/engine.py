@@ -6,7 +6,7 @@ the label, the notebook's namespace) and passes it explicitly to everything the 
 
 The learner's function always runs first, on copies of the inputs; the expected answer is
 computed afterwards, on fresh copies of the same inputs, so while the learner's code runs no
-object it can reach holds the answer (tests/checks/test_engine.py tries to find it).
+object it can reach holds the answer (tests/exercises/test_checks.py tries to find it).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Every solutions notebook and every untouched chapter in a real JupyterLab, in headless Chromium.
 
-Run with ``make test-browser`` (or ``pytest -m browser tests/test_browser.py``); ``make test``
+Run with ``make test-browser`` (or ``pytest -m browser tests/tooling/test_browser.py``); ``make test``
 leaves it out. It needs Debian's chromium at /usr/bin/chromium (``make test-browser``
 installs it with apt-get when missing); Playwright drives that browser, since Playwright's own
 browser download is not available here.

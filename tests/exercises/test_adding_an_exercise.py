@@ -18,7 +18,7 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 SPEC = '''
 
@@ -92,7 +92,8 @@ def test_an_exercise_is_added_by_its_check_module_and_its_notebook_alone(tmp_pat
     assert "3.7 the token-only QK circuit, once more" in (course / "INSTRUCTORS.md").read_text()  # the catalogue
     chapter = (course / "chapters" / "03_qk_ov.ipynb").read_text()
     assert "Exercise 3.7" in chapter and "checks.check_token_qk_circuit_again(token_qk_circuit_again)" in chapter
-    tests = ["tests/test_exercises.py", "tests/test_checks.py", "tests/test_notebooks.py", "tests/test_grade.py"]
+    tests = ["tests/exercises/test_exercises.py", "tests/exercises/test_checks.py", "tests/tooling/test_notebooks.py",
+             "tests/tooling/test_grade.py"]
     ran = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow", *tests,
                           "-k", "3.7 or token_qk_circuit_again or every or in_sync or catalogue or generated or "
                                 "standard or exercises_stubs"],

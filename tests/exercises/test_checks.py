@@ -358,7 +358,7 @@ MISTAKES = [
 
 
 def test_every_checker_has_three_mistakes():
-    """Mistakes fed here, or named in the exercise's spec (tests/test_exercises.py feeds those)."""
+    """Mistakes fed here, or named in the exercise's spec (tests/exercises/test_exercises.py feeds those)."""
     for check_name, (_, _, label) in CHECKS.items():
         named = len(checks.EXERCISES[label.removeprefix("Exercise ")].mistakes)
         assert sum(c == check_name for c, _ in MISTAKES) + named >= 3, check_name
