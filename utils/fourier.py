@@ -149,19 +149,22 @@ def monotone_residual(values: Tensor) -> Tensor:
     return _residual_share(values, monotone_fit(values))
 
 
-def sinusoid_residual(values: Tensor, period: int | None = None, max_freq: int = 8) -> tuple[Tensor, Tensor]:
+def sinusoid_residual(values: Tensor, period: int | None = None, max_freq: int = 8,
+                      parts: tuple[str, ...] = ("1", "cos", "sin")) -> tuple[Tensor, Tensor]:
     """The best single sinusoid (a constant, a cosine and a sine of one frequency) through every column.
 
     Waves of period `period` / f (default: the number of rows) for f = 1 .. max_freq are fitted by
     least squares to the rows given, which may be only the first, well-sampled tokens of a longer
     range. Returns (residual share [...], best frequency [...]): the fraction of each column's
-    variance the best one-frequency fit leaves unexplained, and that frequency.
+    variance the best one-frequency fit leaves unexplained, and that frequency. `parts` names the
+    basis of each wave: the constant "1", "cos" and "sin" (other choices fit other families).
     """
     t = torch.arange(values.shape[0], dtype=torch.float64)
 
     def wave(f: int) -> Tensor:
         angle = 2 * math.pi * f * t / (period or values.shape[0])
-        return torch.stack([torch.ones_like(t), torch.cos(angle), torch.sin(angle)], dim=1)
+        columns = {"1": torch.ones_like(t), "cos": torch.cos(angle), "sin": torch.sin(angle)}
+        return torch.stack([columns[part] for part in parts], dim=1)
 
     share, best_f = best_fit_among(values, ((f, wave(f)) for f in range(1, max_freq + 1)))
     return share.to(values.dtype), best_f.long()

@@ -803,11 +803,18 @@ def _values_in(obj, found: list, depth: int = 3) -> None:
         _values_in(vars(obj), found, depth - 1)
 
 
-def _everything_a_learner_can_reach(every_live_tensor: bool) -> list:
-    """What a function could read while a checker runs it: every frame above it, the checkers' modules, live tensors."""
+def _live_tensors() -> list:
     import gc
-    import sys
     import warnings
+
+    with warnings.catch_warnings():  # isinstance on some of torch's deprecated objects warns
+        warnings.simplefilter("ignore")
+        return [obj for obj in gc.get_objects() if type(obj) in (torch.Tensor, torch.nn.Parameter)]
+
+
+def _everything_a_learner_can_reach(every_live_tensor: bool, older: set[int] = frozenset()) -> list:
+    """What a function could read while a checker runs it: every frame above it, the checkers' modules, live tensors."""
+    import sys
 
     found: list = []
     frame = sys._getframe(2)
@@ -817,10 +824,8 @@ def _everything_a_learner_can_reach(every_live_tensor: bool) -> list:
     for name, module in list(sys.modules.items()):
         if name.startswith("utils.checks"):
             _values_in(vars(module), found)
-    if every_live_tensor:
-        with warnings.catch_warnings():  # isinstance on some of torch's deprecated objects warns
-            warnings.simplefilter("ignore")
-            found += [obj for obj in gc.get_objects() if type(obj) in (torch.Tensor, torch.nn.Parameter)]
+    if every_live_tensor:  # (those alive before the check began are an earlier test's, not the checker's)
+        found += [obj for obj in _live_tensors() if id(obj) not in older]
     return found
 
 
@@ -844,13 +849,15 @@ def test_the_learners_function_cannot_find_the_expected_answer(check_name):
     It looks first, then computes the right answer itself (so the check passes) and records any
     reachable object equal to that answer: the checker must not hold the answer yet.
     """
+    torch.manual_seed(20_261_203)  # inputs no other test draws: an earlier test's results may still be alive
     check, reference, _ = CHECKS[check_name]
     leaks: list[str] = []
     calls: list[tuple] = []  # every live tensor is scanned at the first call only (it takes a while)
+    older = {id(obj) for obj in _live_tensors()}
 
     def searcher(*args):
         calls.append(args)
-        reachable = _everything_a_learner_can_reach(every_live_tensor=len(calls) == 1)
+        reachable = _everything_a_learner_can_reach(every_live_tensor=len(calls) == 1, older=older)
         inputs = _parts(args, depth=5)  # (an answer equal to an input, like a copied weight, gives nothing away)
         result = reference(*args)
         leaks.extend(f"{type(part).__name__} {tuple(getattr(part, 'shape', ()))}" for part in _parts(result)

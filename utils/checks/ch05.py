@@ -97,10 +97,9 @@ def _null_cases() -> list[Case]:
             ("on neurons of a noisy addition checkpoint, frequencies 1-5", (neurons, [1, 2, 3, 4, 5]))]
 
 
-def _pooled_share(values: Tensor, freqs: list, base: Tensor | None = None, constant: bool = False) -> float:
-    power = fourier.frequency_power(values.double()).reshape(values.shape[0] // 2 + 1, -1).sum(-1)
-    total = power if base is None else fourier.frequency_power(base.double()).reshape(power.shape[0], -1).sum(-1)
-    return (power[list(freqs)].sum() / (total.sum() if constant else total[1:].sum())).item()
+def _pooled_power(values: Tensor) -> Tensor:
+    """The whole map's power per frequency (every column's frequency_power added), the constant included."""
+    return fourier.frequency_power(values.double()).flatten(1).sum(-1)
 
 
 check_shares_against_monotone = exercise(
@@ -112,8 +111,8 @@ check_shares_against_monotone = exercise(
     mistakes=(
         Mistake("increasing fits only",
                 "a neuron that falls with the token is just as monotone: fit both ways and keep the better fit.",
-                lambda curves, freqs: (_pooled_share(curves, freqs),
-                                       _pooled_share(fourier.isotonic_fit(curves, True), freqs))),
+                lambda curves, freqs: (fourier.explained_variance(curves, list(freqs)),
+                                       fourier.explained_variance(fourier.isotonic_fit(curves, True), list(freqs)))),
         Mistake("the median of per-curve shares, not the whole map's",
                 "pool the power of every column before dividing, as variance_fractions does, so that large "
                 "curves count in proportion.",
@@ -121,13 +120,14 @@ check_shares_against_monotone = exercise(
                                        fourier.low_frequency_share(fourier.monotone_fit(curves), freqs).median().item())),
         Mistake("the constant counted in the variance",
                 "the constant part is not variance: leave frequency 0 out of the denominator.",
-                lambda curves, freqs: (_pooled_share(curves, freqs, constant=True),
-                                       _pooled_share(fourier.monotone_fit(curves), freqs, constant=True))),
+                lambda curves, freqs: tuple((power[list(freqs)].sum() / power.sum()).item() for power in (
+                    _pooled_power(curves), _pooled_power(fourier.monotone_fit(curves))))),
         Mistake("the fits' power divided by the curves' variance",
                 "the null's share is a fraction of the null's own variance: divide the fitted curves' power by "
                 "the fitted curves' total.",
-                lambda curves, freqs: (_pooled_share(curves, freqs),
-                                       _pooled_share(fourier.monotone_fit(curves), freqs, base=curves))),
+                lambda curves, freqs: (fourier.explained_variance(curves, list(freqs)),
+                                       (_pooled_power(fourier.monotone_fit(curves))[list(freqs)].sum()
+                                        / _pooled_power(curves)[1:].sum()).item())),
     ))
 
 
@@ -141,22 +141,11 @@ def _sinusoid_cases() -> list[Case]:
             ("on random smooth curves, periods of their own 128 tokens", (smooth_curves(8), None, 4))]
 
 
-def _sinusoid_mistake(curves: Tensor, period, max_freq: int, basis: str = "full", own_period: bool = False,
-                      uncentred: bool = False) -> tuple[Tensor, Tensor]:
+def _over_the_sum_of_squares(curves: Tensor, period, max_freq: int) -> tuple[Tensor, Tensor]:
+    """The reference's residual share measured against each column's sum of squares instead of its variance."""
+    share, best = fourier.sinusoid_residual(curves, period, max_freq)
     flat = curves.double()
-    t = torch.arange(curves.shape[0], dtype=torch.float64)
-    shares = []
-    for f in range(1, max_freq + 1):
-        angle = 2 * math.pi * f * t / (curves.shape[0] if own_period or period is None else period)
-        columns = {"full": [torch.ones_like(t), angle.cos(), angle.sin()], "cosine": [torch.ones_like(t), angle.cos()],
-                   "no constant": [angle.cos(), angle.sin()]}[basis]
-        fit_basis = torch.stack(columns, dim=1)
-        residual = ((flat - fit_basis @ torch.linalg.lstsq(fit_basis, flat).solution) ** 2).sum(0)
-        total = (flat ** 2).sum(0) if uncentred else ((flat - flat.mean(0)) ** 2).sum(0)
-        shares.append(residual / total)
-    shares = torch.stack(shares)
-    best = shares.min(0)
-    return best.values.to(curves.dtype), best.indices + 1
+    return (share * ((flat - flat.mean(0)) ** 2).sum(0) / (flat ** 2).sum(0)).to(curves.dtype), best
 
 
 check_sinusoid_residual = exercise(
@@ -168,17 +157,17 @@ check_sinusoid_residual = exercise(
     mistakes=(
         Mistake("a cosine without its sine",
                 "a wave can start anywhere in its cycle: the sine and the cosine together give it any phase.",
-                lambda curves, period, max_freq: _sinusoid_mistake(curves, period, max_freq, basis="cosine")),
+                lambda curves, period, max_freq: fourier.sinusoid_residual(curves, period, max_freq, ("1", "cos"))),
         Mistake("waves without a constant",
                 "a neuron's curve has an offset; without a constant the fit spends its wave on it.",
-                lambda curves, period, max_freq: _sinusoid_mistake(curves, period, max_freq, basis="no constant")),
+                lambda curves, period, max_freq: fourier.sinusoid_residual(curves, period, max_freq, ("cos", "sin"))),
         Mistake("periods counted over the tokens given, not over `period`",
                 "the curves may be only the first, well-sampled tokens of 128: a frequency f means a period of "
                 "period / f tokens.",
-                lambda curves, period, max_freq: _sinusoid_mistake(curves, period, max_freq, own_period=True)),
+                lambda curves, period, max_freq: fourier.sinusoid_residual(curves, None, max_freq)),
         Mistake("the residual over the sum of squares, not the variance",
                 "divide by each column's variance around its mean, so that the offset does not count as explained.",
-                lambda curves, period, max_freq: _sinusoid_mistake(curves, period, max_freq, uncentred=True)),
+                _over_the_sum_of_squares),
     ))
 
 
@@ -201,8 +190,7 @@ check_explained_by_groups = exercise(
     mistakes=(
         Mistake("the share left unexplained",
                 "the question is how much the label explains: one minus the residual share.",
-                lambda values, groups: ((values.double().flatten() - fourier.group_means(values, groups)[0][
-                    fourier.group_means(values, groups)[1]]).var() / values.double().var()).item()),
+                lambda values, groups: 1.0 - fourier.explained_by_groups(values, groups)),
         Mistake("each group's mean counted once, whatever its size",
                 "every value is replaced by its group's mean, so a group weighs as many times as it has members.",
                 lambda values, groups: (fourier.group_means(values, groups)[0].var() / values.double().var()).item()),
@@ -228,20 +216,26 @@ def _ablation_cases() -> list[Case]:
                                                            lambda m: fourier.polynomial_fit(m, 12), 2))]
 
 
-def _replaced_accuracy(model, tokens, targets, transform, tolerance, skip: bool = True, measured: bool = True,
-                       use_tolerance: bool = True, every_position: bool = False) -> float:
-    _, cache = model.run_with_cache(tokens, names_filter="blocks.0.attn.hook_pattern")
-    pattern = cache["pattern", 0]
-    if not measured:
-        pattern = torch.tensor([[1.0, 0.0], [0.5, 0.5]]).expand_as(pattern)
-    pre = circuits.neuron_inputs(model, tokens, pattern, transform)
-    if not skip:  # the skip path put back as it was
-        for q in range(tokens.shape[1]):
-            pre[:, q] += (circuits.direct_to_neuron(model, q) - transform(circuits.direct_to_neuron(model, q)))[tokens[:, q]]
-    logits = model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.mlp.hook_pre", lambda x, hook: pre)])
-    keep = targets != IGNORE
-    close = (logits.argmax(-1) - targets).abs() <= (tolerance if use_tolerance else 0)
-    return ((close & keep).sum() / (keep.numel() if every_position else keep.sum())).item()
+def _skip_path_kept(model, tokens, targets, transform, tolerance) -> float:
+    """The reference's neuron inputs with each position's own map put back as it was."""
+    pre = circuits.neuron_inputs(model, tokens, circuits.attention_pattern_of(model, tokens), transform)
+    for q in range(tokens.shape[1]):
+        direct = circuits.direct_to_neuron(model, q)
+        pre[:, q] += (direct - transform(direct))[tokens[:, q]]
+    return circuits.accuracy_with_neuron_inputs(model, tokens, targets, pre, tolerance)
+
+
+def _half_and_half(model, tokens, targets, transform, tolerance) -> float:
+    """The inputs rebuilt with an idealised pattern: the first position on itself, the second half on each."""
+    pattern = torch.tensor([[1.0, 0.0], [0.5, 0.5]]).expand_as(circuits.attention_pattern_of(model, tokens))
+    return circuits.accuracy_with_neuron_inputs(model, tokens, targets,
+                                                circuits.neuron_inputs(model, tokens, pattern, transform), tolerance)
+
+
+def _every_position(model, tokens, targets, transform, tolerance) -> float:
+    """The reference's accuracy over every position: one without a target is never right."""
+    share = (targets != IGNORE).float().mean().item()
+    return circuits.accuracy_with_maps_replaced(model, tokens, targets, transform, tolerance) * share
 
 
 check_accuracy_with_maps_replaced = exercise(
@@ -254,16 +248,17 @@ check_accuracy_with_maps_replaced = exercise(
     mistakes=(
         Mistake("the skip path left as it was",
                 "each position's own token also reaches the neurons around the head; its map is replaced too.",
-                lambda *args: _replaced_accuracy(*args, skip=False)),
+                _skip_path_kept),
         Mistake("attention taken as half and half",
                 "rebuild the inputs with the pattern the model computes on each pair, not an idealised one.",
-                lambda *args: _replaced_accuracy(*args, measured=False)),
+                _half_and_half),
         Mistake("the tolerance ignored",
                 "an answer within `tolerance` of the target counts as right.",
-                lambda *args: _replaced_accuracy(*args, use_tolerance=False)),
+                lambda model, tokens, targets, transform, tolerance: circuits.accuracy_with_maps_replaced(
+                    model, tokens, targets, transform, 0)),
         Mistake("position 0 counted as a wrong answer",
                 "position 0 has no target (it is IGNORE): count only the positions that have one.",
-                lambda *args: _replaced_accuracy(*args, every_position=True)),
+                _every_position),
     ))
 
 
