@@ -421,8 +421,19 @@ def list_configurations(query_pos: int, same_position: bool = False):
     return possible
 
 
-def worst_margin_by_gap(model, query_pos: int, same_position: bool = False, possible=None,
-                        reduce: str = "min") -> Tensor:
+def gap_margins(scores: Tensor, gap: int, possible) -> Tensor:
+    """Every margin score(c at k1) - score(b at k2) of a larger key token c over b = c - gap, [t, k1, k2, b], from
+    one query position's scores [t, key_pos, key token]; +inf where `possible` (see list_configurations) says
+    no list holds that configuration."""
+    t = torch.arange(scores.shape[0])[:, None, None, None]
+    n = torch.arange(scores.shape[1])
+    k1, k2 = n[None, :, None, None], n[None, None, :, None]
+    c = torch.arange(gap, scores.shape[-1])
+    margin = scores[:, :, None, c] - scores[:, None, :, c - gap]  # [t, k1, k2, pair]
+    return margin.masked_fill(~possible(t, k1, k2, c - gap, c).expand_as(margin), float("inf"))
+
+
+def worst_margin_by_gap(model, query_pos: int, same_position: bool = False, possible=None) -> Tensor:
     """Worst-case QK score margin of a larger key over a smaller one, [vocab (query token), vocab (gap)].
 
     Entry [t, g] is the least score(c at k1) - score(b at k2), for a query holding token t at
@@ -432,25 +443,14 @@ def worst_margin_by_gap(model, query_pos: int, same_position: bool = False, poss
     itself, and the larger key c is at least t (c plays the list's maximum). Entries with no such
     configuration (gap 0, query position 0, too large a gap) are +inf. Positive everywhere means
     the maximum outscores every smaller key, wherever both sit. `possible` replaces those rules
-    (see list_configurations); `reduce="mean"` gives the typical margin instead of the worst.
+    (see list_configurations).
     """
     scores = qk_score_table(model)[query_pos, :, : query_pos + 1]  # [t, k, v]
-    vocab, n = scores.shape[0], query_pos + 1
-    t = torch.arange(vocab)[:, None, None, None]
-    k1, k2 = torch.arange(n)[None, :, None, None], torch.arange(n)[None, None, :, None]
+    vocab = scores.shape[0]
     possible = possible or list_configurations(query_pos, same_position)
     out = torch.full((vocab, vocab), float("inf"))
     for gap in range(1, vocab):
-        c = torch.arange(gap, vocab)
-        b = c - gap
-        margin = scores[:, :, None, c] - scores[:, None, :, b]  # [t, k1, k2, pair]
-        ok = possible(t, k1, k2, b, c).expand_as(margin)
-        if reduce == "min":
-            out[:, gap] = margin.masked_fill(~ok, float("inf")).flatten(1).min(-1).values
-        else:
-            count = ok.flatten(1).sum(-1)
-            mean = (margin * ok).flatten(1).sum(-1) / count.clamp(min=1)
-            out[:, gap] = torch.where(count > 0, mean, torch.tensor(float("inf")))
+        out[:, gap] = gap_margins(scores, gap, possible).flatten(1).min(-1).values
     return out
 
 

@@ -281,9 +281,7 @@ def _largest_certified(ok: Tensor, t: int) -> Tensor:
 
 
 # ------------------------------------------------------------------ strategy 1: worst attention, worst margins
-def least_attention_of_pieces(pieces: tuple[Tensor, Tensor, Tensor], lo: int, score_error: Tensor | None = None, *,
-                              displaced: bool = True, query_key: bool = True, one_rival: bool = False,
-                              at_worst: bool = True) -> Tensor:
+def least_attention_of_pieces(pieces: tuple[Tensor, Tensor, Tensor], lo: int, score_error: Tensor | None = None) -> Tensor:
     """Least share of the last position's attention on the maximum, [vocab (last token t), vocab (max m)].
 
     Over every list of the cell (t, m, lo). Extra copies of the maximum only raise its share, so the least
@@ -292,10 +290,6 @@ def least_attention_of_pieces(pieces: tuple[Tensor, Tensor, Tensor], lo: int, sc
     of a token <= lo at k and A_j the score of m at its position j, least over j (any j < q when t != m;
     j = q when t = m, and then every k < q holds a rival). With `score_error` [t, k, y], each score is moved
     against the maximum by up to its error (the float32 model's scores). 0 where no list fits the cell.
-
-    The keyword arguments give the shares of other accountings, which a checker names as mistakes: a rival
-    also at the maximum's own position (not `displaced`), no query key, a single rival key in all
-    (`one_rival`), the maximum at its best position (not `at_worst`).
     """
     scores = pieces[0].double()
     error = torch.zeros_like(scores) if score_error is None else score_error
@@ -308,17 +302,14 @@ def least_attention_of_pieces(pieces: tuple[Tensor, Tensor, Tensor], lo: int, sc
         rival = torch.full((vocab, max(q, 1)), -torch.inf, dtype=scores.dtype)[:, :q]
     own = high[:, q].diagonal()  # [t]: the query's own key, a rival when t != m
     # t = m: the maximum at the query, a rival at every position before it
-    if one_rival:
-        rival = rival.amax(-1, keepdim=True)
     at_query = 1 / (1 + (rival - low[:, q].diagonal()[:, None]).exp().sum(-1))  # [t]
     if q > 0:
         # t != m: the maximum at position j < q, rivals at the other positions before q and t at q
         before = low[:, :q]  # [t, j, m]
         others = rival[:, None, :, None] - before[:, :, None, :]  # [t, j, k, m]
-        if displaced and not one_rival:
-            others = others.masked_fill(torch.eye(q, dtype=torch.bool)[None, :, :, None], -torch.inf)
-        denominator = 1 + others.exp().sum(2) + (own[:, None, None] - before).exp() * query_key  # [t, j, m]
-        elsewhere = (1 / denominator).amin(1) if at_worst else (1 / denominator).amax(1)  # [t, m]
+        others = others.masked_fill(torch.eye(q, dtype=torch.bool)[None, :, :, None], -torch.inf)
+        denominator = 1 + others.exp().sum(2) + (own[:, None, None] - before).exp()  # [t, j, m]
+        elsewhere = (1 / denominator).amin(1)  # [t, m]
     else:
         elsewhere = torch.zeros(vocab, vocab, dtype=scores.dtype)
     share = torch.where(t == m, at_query[:, None], elsewhere)
@@ -343,27 +334,30 @@ def margin_tables(pieces: tuple[Tensor, Tensor, Tensor]) -> dict[str, Tensor]:
             "d": direct[:, :, None] - direct[:, None, :]}
 
 
+def other_keys_lead(tables: dict[str, Tensor], lo: int) -> Tensor:
+    """b [t, m, c]: the least OV lead of m over c from a key that is not the maximum, in cells with other tokens
+    <= lo: a token <= lo at a position before the query, or (when t != m) the query's own token t at q."""
+    b_rest = tables["b"][lo + 1]  # [m, c]
+    is_t = torch.eye(b_rest.shape[0], dtype=torch.bool)[:, :, None]  # [t, m, 1]: the list ends with its maximum
+    return torch.where(is_t, b_rest, torch.minimum(b_rest, tables["lead_q"]))
+
+
 def least_margin_of_pieces(pieces: tuple[Tensor, Tensor, Tensor], lo: int, share: Tensor | None = None,
-                           allowance: Tensor | None = None, tables: dict[str, Tensor] | None = None,
-                           capped: bool = True) -> Tensor:
+                           allowance: Tensor | None = None, tables: dict[str, Tensor] | None = None) -> Tensor:
     """Strategy 1's least logit margin of the maximum over every rival, [vocab (t), vocab (m)].
 
     min over c != m of D[t, m] - D[t, c] + min(p a + (1 - p) b, a), with p the least attention on the
     maximum (`share`, least_attention_of_pieces by default), a the least OV margin of m over c at any position m can
-    hold, b the least OV margin over c of a token <= lo at a position k < q (and of t at q when t != m).
-    With `allowance` [t, m, c], it is subtracted from the margin over c first. Positive means the cell is
-    certified; +inf where no list fits it. Sound because the margin is linear in the split p. Without
-    `capped`, the mix is trusted even where b > a (not sound: a checker names it as a mistake).
+    hold, b the least OV margin over c of a token <= lo at a position k < q (and of t at q when t != m:
+    other_keys_lead). With `allowance` [t, m, c], it is subtracted from the margin over c first. Positive
+    means the cell is certified; +inf where no list fits it. Sound because the margin is linear in the split p.
     """
     tables = margin_tables(pieces) if tables is None else tables
     vocab = tables["d"].shape[0]
     tokens = torch.arange(vocab)
-    a, b_rest = tables["a"], tables["b"][lo + 1]
+    a, b = tables["a"], other_keys_lead(tables, lo)
     p = (least_attention_of_pieces(pieces, lo) if share is None else share)[:, :, None]  # [t, m, 1]
-    is_t = torch.eye(vocab, dtype=torch.bool)[:, :, None]  # [t, m, 1]: the list ends with its maximum
-    b = torch.where(is_t, b_rest, torch.minimum(b_rest, tables["lead_q"]))  # the query's own token t, when t != m
-    mixed = p * a + (1 - p) * b
-    margin = tables["d"] + (torch.minimum(mixed, a) if capped else mixed)
+    margin = tables["d"] + torch.minimum(p * a + (1 - p) * b, a)
     if allowance is not None:
         margin = margin - allowance
     out = margin.masked_fill(torch.eye(vocab, dtype=torch.bool), torch.inf).amin(-1)

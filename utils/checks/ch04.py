@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from utils import circuits, fourier, models, proofs, tasks, train
-from utils.checks.engine import (Attempt, Case, CheckFailed, Mistake, call_learner, check_case, compare,
-                                 compare_float, compare_tensors, copies, diagnosis, exercise, matches, passed)
-from utils.checks.fixtures import (changed_copy, fresh_model, noisy_addition, noisy_model, random_causal_pattern,
-                                   random_models, smooth_curves)
-from utils.tasks import IGNORE
+from utils import circuits
+from utils.checks.engine import Case, Mistake, exercise
+from utils.checks.fixtures import changed_copy, fresh_model, noisy_model
+
 
 def _positional_cases() -> list[Case]:
     noisy, fresh = noisy_model("max_of_list", 0.1), fresh_model("max_of_list")
@@ -136,6 +132,17 @@ def _margins(model, q: int, rules: Callable) -> Tensor:
     return circuits.worst_margin_by_gap(model, q, possible=lambda t, k1, k2, b, c: (k1 != k2) & rules(t, k1, k2, b, c))
 
 
+def _mean_margin(model, q: int) -> Tensor:
+    """The reference's margins by gap (circuits.gap_margins) averaged over what a list can hold, not the least."""
+    scores, vocab = circuits.qk_score_table(model)[q, :, : q + 1], model.cfg.d_vocab
+    out = torch.full((vocab, vocab), torch.inf)
+    for gap in range(1, vocab):
+        margins = circuits.gap_margins(scores, gap, circuits.list_configurations(q)).flatten(1)
+        held = margins.isfinite()
+        out[:, gap] = torch.where(held.any(-1), margins.where(held, 0.0).sum(-1) / held.sum(-1).clamp(min=1), torch.inf)
+    return out
+
+
 def _margin_cases() -> list[Case]:
     noisy = noisy_model("max_of_list", 0.1)
     return [("on a noisy checkpoint at query position 5", (noisy, 5)),
@@ -168,7 +175,7 @@ check_worst_margin_by_gap = exercise(
                                           & ((k2 != q) | (b == t)))),
         Mistake("the mean margin, not the worst",
                 "a failure happens on the worst configuration, not on the average one: take the least margin.",
-                lambda model, q: circuits.worst_margin_by_gap(model, q, reduce="mean")),
+                _mean_margin),
     ))
 
 
@@ -182,8 +189,8 @@ def _need(model, lead: Tensor | None = None, direct: Tensor | None = None, runne
 
 
 def _mean_ov_lead(model) -> Tensor:
-    ov = circuits.ov_logit_table(model).mean(0)  # the mean over key positions of a difference is the difference
-    return ov[:, :, None] - ov[:, None, :]       # of the means
+    """worst_ov_lead over one key position only: the mean of the OV table over key positions."""
+    return circuits.worst_ov_lead(circuits.ov_logit_table(model).mean(0, keepdim=True))
 
 
 def _need_cases() -> list[Case]:

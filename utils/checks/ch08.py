@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from utils import circuits, fourier, models, proofs, tasks, train
-from utils.checks.engine import (Attempt, Case, CheckFailed, Mistake, call_learner, check_case, compare,
-                                 compare_float, compare_tensors, copies, diagnosis, exercise, matches, passed)
-from utils.checks.fixtures import (changed_copy, fresh_model, noisy_addition, noisy_model, random_causal_pattern,
-                                   random_models, smooth_curves)
-from utils.tasks import IGNORE
-
+from utils import models, proofs, tasks
+from utils.checks.engine import Case, Mistake, exercise
+from utils.checks.fixtures import fresh_model, noisy_model
 
 
 def _tied_lists(n: int = 6, below: int = 8, count: int = 300) -> Tensor:
@@ -66,7 +61,7 @@ def _brute_cases() -> list[Case]:
 def _predictions(model, n: int, position: int = -1) -> tuple[Tensor, Tensor]:
     """Every list of length n and the model's prediction at `position` on each."""
     lists = tasks.all_lists(n, model.cfg.d_vocab)
-    return lists, torch.cat([model(chunk)[:, position].argmax(-1) for chunk in lists.split(20_000)])
+    return lists, models.predictions(model, lists)[:, position]
 
 
 def _untied_only(model, n: int) -> float:
@@ -106,9 +101,48 @@ def _cell_cases() -> list[Case]:
             ("on a fresh model, length 3, other tokens <= 25", (fresh_model("max_of_list"), 3, 25))]
 
 
-def _attention(model, n: int, lo: int, **accounting) -> Tensor:
-    """The reference's least attention under another accounting of the rivals (see its keyword arguments)."""
-    return proofs.least_attention_of_pieces(proofs.circuit_pieces(model, n), lo, **accounting)
+def _attention(model, n: int, lo: int, change: Callable) -> Tensor:
+    """The reference on the circuits' attention scores [t, key_pos, y] changed by `change(scores, lo)`."""
+    scores, ov, direct = proofs.circuit_pieces(model, n)
+    return proofs.least_attention_of_pieces((change(scores, lo), ov, direct), lo)
+
+
+def _no_rivals(scores: Tensor, lo: int) -> Tensor:
+    """The scores of the positions before the query with no rival there (no weight on a token <= lo)."""
+    emptied = scores[:, :-1].clone()
+    emptied[:, :, : lo + 1] = -torch.inf
+    return emptied
+
+
+def _one_rival(scores: Tensor, lo: int) -> Tensor:
+    """No rival at the earlier positions, the strongest of them at one extra position (where the maximum never
+    sits: its score there is +inf, its share 1)."""
+    strongest = scores[:, :-1, : lo + 1].amax((1, 2))[:, None, None].expand(-1, 1, lo + 1)
+    slot = torch.cat([strongest, torch.full_like(scores[:, :1, lo + 1:], torch.inf)], -1)
+    return torch.cat([slot, _no_rivals(scores, lo), scores[:, -1:]], 1)
+
+
+def _query_key_left_out(model, n: int, lo: int) -> Tensor:
+    """The reference with no weight on the query's own key when it is not the maximum (its score -inf)."""
+    def hidden(scores, lo):
+        scores = scores.clone()
+        scores[:, -1].diagonal().fill_(-torch.inf)
+        return scores
+    vocab = model.cfg.d_vocab
+    return torch.where(torch.eye(vocab, dtype=torch.bool), proofs.least_attention_on_max(model, n, lo),
+                       _attention(model, n, lo, hidden))
+
+
+def _at_best_position(model, n: int, lo: int) -> Tensor:
+    """The best over j of the reference with the maximum held at position j (at every other position before the
+    query its score is +inf, where its share would be 1)."""
+    def only_at(j: int) -> Callable:
+        def change(scores, lo):
+            scores = scores.clone()
+            scores[:, [k for k in range(n - 1) if k != j], lo + 1:] = torch.inf
+            return scores
+        return change
+    return torch.stack([_attention(model, n, lo, only_at(j)) for j in range(n - 1)]).amax(0)
 
 
 check_least_attention_on_max = exercise(
@@ -121,25 +155,36 @@ check_least_attention_on_max = exercise(
         Mistake("a rival counted at the maximum's own position",
                 "when the last token is not the maximum, the maximum sits at one of the earlier positions, and that "
                 "position cannot hold a rival too: the rivals fill the other positions only.",
-                lambda *args: _attention(*args, displaced=False)),
+                # as if the maximum sat at a position of its own, every earlier position keeping its rival
+                lambda *args: _attention(*args, lambda s, lo: torch.cat([s[:, :-1], _no_rivals(s, lo), s[:, -1:]], 1))),
         Mistake("the query's own key left out of the denominator",
                 "the last position attends to itself too: when the last token is not the maximum, its key takes "
-                "a share.", lambda *args: _attention(*args, query_key=False)),
+                "a share.", _query_key_left_out),
         Mistake("a single rival key instead of one per position",
                 "every position before the query can hold a rival, and each takes its own share.",
-                lambda *args: _attention(*args, one_rival=True)),
+                lambda *args: _attention(*args, _one_rival)),
         Mistake("the maximum at its best position, not its worst",
                 "a bound must hold wherever the maximum sits: take the position where its share is least.",
-                lambda *args: _attention(*args, at_worst=False)),
+                _at_best_position),
     ))
 
 
-def _margin(model, n: int, lo: int, capped: bool = True, **changed: Callable) -> Tensor:
+def _margin(model, n: int, lo: int, **changed: Callable) -> Tensor:
     """The reference's least margin with some of its tables changed (changed[name](tables) gives the new one)."""
     pieces = proofs.circuit_pieces(model, n)
     tables = proofs.margin_tables(pieces)
     tables.update({name: change(tables) for name, change in changed.items()})
-    return proofs.least_margin_of_pieces(pieces, lo, tables=tables, capped=capped)
+    return proofs.least_margin_of_pieces(pieces, lo, tables=tables)
+
+
+def _mix_trusted(model, n: int, lo: int) -> Tensor:
+    """The reference with the mix p a + (1 - p) b taken as it is: the worst case over shares above the least one,
+    min(mix, a), is the mix less (1 - p)(b - a) where b > a, so that much is handed back through the allowance."""
+    pieces = proofs.circuit_pieces(model, n)
+    tables = proofs.margin_tables(pieces)
+    p = proofs.least_attention_of_pieces(pieces, lo)[:, :, None]
+    given_back = (1 - p) * (proofs.other_keys_lead(tables, lo) - tables["a"]).clamp(min=0)
+    return proofs.least_margin_of_pieces(pieces, lo, allowance=-given_back, tables=tables)
 
 
 check_least_margin = exercise(
@@ -155,7 +200,7 @@ check_least_margin = exercise(
         Mistake("the mix trusted when the other tokens lead more than the maximum",
                 "the real share on the maximum can be anything above the least one; when the other rows lead by "
                 "more, a larger share makes the margin worse, so the worst case is then the maximum's rows alone.",
-                lambda *args: _margin(*args, capped=False)),
+                _mix_trusted),
         Mistake("the query token's own OV row left out",
                 "when the last token is not the maximum, the query attends to its own key too and its row counts "
                 "among the others.", lambda *args: _margin(*args, lead_q=lambda tables: torch.full_like(tables["lead_q"],
