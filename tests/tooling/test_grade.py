@@ -304,3 +304,32 @@ def test_what_the_stub_cell_gives_is_the_chapters_and_is_not_reported() -> None:
     code, left_out = grade.learner_code(source, "Exercise 0.5", {}, set(), given)
     assert code.strip().startswith("def rotate") and "D_MODEL_LAST" not in code
     assert len(left_out) == 1 and "D_MODEL_FIRST = ()" in left_out[0]  # changed or added constants are the learner's
+
+
+def test_threads_grading_side_by_side_never_parse_at_once(monkeypatch) -> None:
+    """grade_all grades in threads, and CPython 3.11's parser is not thread-safe ("AST constructor recursion
+    depth mismatch" when two threads parse at once): every parse the grader makes goes through one lock."""
+    import ast
+    import threading
+    import time
+
+    inside, overlaps, real_parse = [0], [], ast.parse
+
+    def watched_parse(*args, **kwargs):
+        inside[0] += 1
+        if inside[0] > 1:
+            overlaps.append(threading.current_thread().name)
+        time.sleep(0.001)  # widen the window two unguarded threads would share
+        try:
+            return real_parse(*args, **kwargs)
+        finally:
+            inside[0] -= 1
+
+    monkeypatch.setattr(ast, "parse", watched_parse)
+    course = nbformat.read(SOLUTION, as_version=4)
+    threads = [threading.Thread(target=grade.chapter_names, args=(course,)) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not overlaps, f"parsed in two threads at once {len(overlaps)} times"

@@ -39,6 +39,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -124,16 +125,27 @@ def identify_chapter(path: Path, nb) -> Path:
                       "(\"03_qk_ov.ipynb\"). Keep the chapter's title cell, or name the file like the chapter.")
 
 
+# CPython 3.11's parser keeps its recursion count per interpreter, not per thread: two threads parsing at
+# once (grade_all grades submissions in threads) fail with "AST constructor recursion depth mismatch".
+_PARSING = threading.Lock()
+
+
+def _parse(source: str) -> ast.Module:
+    with _PARSING:
+        return ast.parse(source)
+
+
 def _python(source: str) -> str:
     """A cell's source as plain Python: IPython's magics and shell escapes become function calls."""
     from IPython.core.inputtransformer2 import TransformerManager
 
-    return TransformerManager().transform_cell(source)
+    with _PARSING:
+        return TransformerManager().transform_cell(source)
 
 
 def _defined_functions(source: str) -> list[str]:
     try:
-        return [node.name for node in ast.parse(_python(source)).body if isinstance(node, ast.FunctionDef)]
+        return [node.name for node in _parse(_python(source)).body if isinstance(node, ast.FunctionDef)]
     except SyntaxError:
         return re.findall(r"^def\s+(\w+)\s*\(", source, flags=re.MULTILINE)
 
@@ -199,7 +211,7 @@ def chapter_names(nb) -> dict[str, str | None]:
         if cell.cell_type != "code":
             continue
         try:
-            tree = ast.parse(_python(cell.source))
+            tree = _parse(_python(cell.source))
         except SyntaxError:
             continue
         for node in tree.body:
@@ -224,10 +236,10 @@ def learner_code(source: str, exercise: str, protected: dict[str, str | None], o
     binds it to; a definition not at all); `own` are the exercise functions, which no import may
     bind; `given` is the code the chapter's stub cell provides, which is left out without a note.
     """
-    provided = {ast.dump(node) for node in ast.parse(given).body}
+    provided = {ast.dump(node) for node in _parse(given).body}
     python = _python(source)
     try:
-        tree = ast.parse(python)
+        tree = _parse(python)
     except SyntaxError as err:
         return "", [f"{exercise}: the cell has a syntax error (line {err.lineno}: {err.msg}), so none of it was graded"]
     kept, futures, left_out = [], [], []
@@ -291,7 +303,7 @@ def graded_notebook(course_nb, exercises: list[Exercise], stubs: dict[str, int],
 
 def _given_code(stub_source: str) -> str:
     """What a stub cell gives the learner besides the stubs (constants, imports), as the chapter has it."""
-    tree = ast.parse(stub_source)
+    tree = _parse(stub_source)
     return "\n\n".join(ast.get_source_segment(stub_source, node, padded=True) for node in tree.body
                         if not isinstance(node, ast.FunctionDef))
 
