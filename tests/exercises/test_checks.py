@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 import types
 
 import pytest
@@ -759,9 +760,14 @@ def test_in_a_learners_jupyterlab_a_failed_check_prints_and_the_chapter_goes_on(
     monkeypatch.setenv("JPY_SESSION_NAME", "/home/learner/chapters/03_qk_ov.ipynb")
     monkeypatch.delenv(checks.STRICT_ENV, raising=False)
     assert not checks.strict()
-    checks.check_full_ov_circuit(_raise_not_implemented)  # returns
+    handed_back = checks.check_full_ov_circuit(_raise_not_implemented)  # returns the course's stand-in
     out = capsys.readouterr().out
-    assert "✗ Exercise 3.2 (full_ov_circuit): not implemented yet" in out and "goes on" in out
+    assert "✗ Exercise 3.2 (full_ov_circuit): not implemented yet" in out and "in place of yours" in out
+    spec = checks.EXERCISES["3.2"]
+    model = _models.build_model("max_of_list", seed=1)
+    assert handed_back is spec.stand_in and torch.allclose(handed_back(model), _circuits.full_ov(model).AB)
+    assert checks.check_full_ov_circuit(handed_back) is spec.stand_in  # checking the stand-in again: told so
+    assert "is the course's own function, which an earlier failed check put in place of yours" in capsys.readouterr().out
     monkeypatch.setenv(checks.STRICT_ENV, "1")  # the grader's kernels, even under a Jupyter server
     assert checks.strict()
     _fails("full_ov_circuit", _raise_not_implemented)
@@ -927,3 +933,29 @@ def test_a_decorated_reference_is_watched_by_its_own_code():
 
     checks.check_answer_agreement(uses_a_decorated_helper)
     assert "calls circuits.answer_agreement" in _fails("answer_agreement", lambda m, o, p: _circuits.answer_agreement(m, o, p))
+
+
+def test_a_passing_check_hands_back_the_learners_own_function():
+    def full_ov_circuit(model):
+        return model.W_E @ model.W_V[0, 0] @ model.W_O[0, 0] @ model.W_U
+
+    assert checks.check_full_ov_circuit(full_ov_circuit) is full_ov_circuit
+
+
+def test_every_stand_in_takes_the_learners_arguments():
+    """A failed check hands the chapter the stand-in in place of the learner's function: it must accept the same
+    leading arguments as the exercise asks for (the notebook's stub)."""
+    import inspect
+
+    from tests.exercises.test_exercises import SOLUTIONS
+
+    stubs = {}
+    for nb in SOLUTIONS.values():
+        for cell in nb.cells:
+            for m in re.finditer(r"^def (\w+)\(([^)]*)\)", cell.source, re.MULTILINE):
+                stubs[m.group(1)] = [a.split(":")[0].split("=")[0].strip() for a in m.group(2).split(",") if a.strip()]
+    for spec in checks.EXERCISES.values():
+        wanted = len(stubs[spec.function])
+        parameters = list(inspect.signature(spec.stand_in).parameters.values())
+        required = [p for p in parameters if p.default is inspect.Parameter.empty]
+        assert len(required) <= wanted <= len(parameters), (spec.number, wanted, parameters)

@@ -21,7 +21,7 @@ output. Then
 - chapters/ (the stubs untouched; every code cell ran, so Run All did not stop at a check):
   assert that exactly the cells tagged ``check`` in the notebook's JSON print a ✗ message, each
   its "✗ Exercise N.M (function): not implemented yet" line (N the chapter's number) and the
-  "(the chapter goes on without it: ...)" line. Screenshots of every check cell go to
+  "The chapter goes on with the course's own ... in place of yours" line. Screenshots of every check cell go to
   screenshots/chapters/<chapter>/ (screenshots/<notebook>/ holds the solutions notebook's).
 """
 
@@ -332,13 +332,13 @@ def test_untouched_chapter_runs_to_the_end_showing_each_check_message(lab, brows
             f"{path.name}: the cells tagged {CHECK_TAG!r} are {[index for index, _, _ in checks]}, "
             f"the cells showing a ✗ exercise message are {failed}")
         for index, source, cell in checks:
-            function = re.fullmatch(r"checks\.check_(\w+)\(\w+\)", source)
+            function = re.fullmatch(r"(\w+) = checks\.check_\1\(\1\)", source)
             assert function, f"{path.name}: check cell {index} does not call one checker: {source!r}"
             printed = "\n".join(cell["stdout"])
             expected = rf"^✗ Exercise {chapter}\.\d+ \({function[1]}\): not implemented yet\."
             assert re.search(expected, printed, re.M), (
                 f"{path.name}: check cell {index} ({source}) does not print /{expected}/: {cell['output'][:500]!r}")
-            assert "(the chapter goes on without it:" in printed, (
+            assert "in place of yours" in printed, (
                 f"{path.name}: check cell {index} ({source}) does not say the chapter goes on: {cell['output'][:500]!r}")
             assert "✓" not in cell["output"], f"{path.name}: check cell {index} ({source}) passed a stub"
 

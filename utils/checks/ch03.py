@@ -35,7 +35,12 @@ check_token_qk_circuit = exercise(
     ))
 
 
-@exercise("3.2", "the full OV circuit", circuits.full_ov, kind="implementation",
+def full_ov_product(model) -> torch.Tensor:
+    """The full OV circuit as the exercise asks for it: a plain tensor (circuits.full_ov gives it factored)."""
+    return circuits.full_ov(model).AB
+
+
+@exercise("3.2", "the full OV circuit", circuits.full_ov, kind="implementation", replacement=full_ov_product,
           hint="follow an attended token through the head: its embedding, then the value and output weights, then "
                "the unembedding; rows are attended tokens, columns output logits, and the result is a plain tensor.",
           mistakes=(
@@ -55,8 +60,7 @@ check_token_qk_circuit = exercise(
                       lambda model: model.W_E @ model.W_V[0, 0] @ model.W_U),
           ))
 def check_full_ov_circuit(fn: Callable, ex: Attempt) -> None:
-    # the reference returns a FactoredMatrix, the learner a tensor: compare with its product
-    check_case(fn, ex, (fresh_model("max_of_list"),), reference=lambda model: circuits.full_ov(model).AB, atol=1e-4)
+    check_case(fn, ex, (fresh_model("max_of_list"),), reference=full_ov_product, atol=1e-4)
     passed(ex)
 
 

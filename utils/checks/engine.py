@@ -74,6 +74,12 @@ class ExerciseSpec:
     atol: float = 1e-5
     rtol: float = 1e-4
     kind: str = "analysis"  # "analysis" (a measurement, a hook, an ablation) or "implementation"
+    replacement: Callable | None = None  # what stands in for a failed attempt, if not references[0] as it is
+
+    @property
+    def stand_in(self) -> Callable:
+        """The course's function the chapter goes on with when the learner's fails its check."""
+        return self.replacement or self.references[0]
 
     @property
     def label(self) -> str:
@@ -112,7 +118,7 @@ EXERCISES: dict[str, ExerciseSpec] = {}
 
 def exercise(number: str, title: str, *references: Callable, hint: str = "", mistakes: tuple[Mistake, ...] = (),
              cases: Callable[[], list[Case]] | None = None, atol: float = 1e-5, rtol: float = 1e-4,
-             kind: str = "analysis", function: str | None = None) -> Callable:
+             kind: str = "analysis", function: str | None = None, replacement: Callable | None = None) -> Callable:
     """Register the checker of exercise `number` and return it.
 
     Used as a decorator on ``check_<function>(fn, attempt)`` (a body of its own), or, given
@@ -121,30 +127,41 @@ def exercise(number: str, title: str, *references: Callable, hint: str = "", mis
     result matches. Either way the checker verifies that nothing it relies on was replaced,
     raises or prints a failure as ``strict()`` says, and rejects a learner's function that
     calls one of `references`.
+
+    The checker returns the function the rest of the chapter uses, so a check cell reads
+    ``fn = checks.check_fn(fn)``: the learner's own `fn` when it passed; when it failed (and
+    the check did not raise), `replacement`, or ``references[0]`` when that takes the same
+    arguments and gives the same kind of result.
     """
 
     def register(body: Callable) -> Callable:
         spec_function = function or body.__name__.removeprefix("check_")
         verify = guard.verify_untouched  # held here, so that rebinding the guard's name cannot switch it off
 
-        def check(fn: Callable) -> None:
+        def check(fn: Callable) -> Callable:
             spec = EXERCISES[number]
             namespace = sys._getframe(1).f_globals  # the notebook's: its names for the course's code are guarded too
             attempt = Attempt(spec, namespace=namespace, names=guard.course_names(namespace))
             try:
                 verify(attempt, "before this check ran")
+                if fn is spec.stand_in:
+                    raise CheckFailed(f"{attempt}: {spec.function} is the course's own function, which an earlier "
+                                      "failed check put in place of yours. Run the cell that defines your "
+                                      f"{spec.function}, then this check again.")
                 body(fn, attempt)
             except CheckFailed as failure:
                 if strict():
                     raise failure.with_traceback(None) from None
                 print(f"\x1b[31m✗ {failure.args[0]}\x1b[0m")
-                print("  (the chapter goes on without it: later cells use the course's own code; come back to this "
-                      "exercise when you are ready)")
+                print(f"  The chapter goes on with the course's own {spec.function} in place of yours; come back to "
+                      "this exercise when you are ready.")
+                return spec.stand_in
+            return fn
 
         check.__name__ = check.__qualname__ = f"check_{spec_function}"
         check.__doc__ = f"Check exercise {number} ({title}): call with your {spec_function} function."
         EXERCISES[number] = ExerciseSpec(number, title, spec_function, references, check, hint, tuple(mistakes),
-                                         cases, atol, rtol, kind)
+                                         cases, atol, rtol, kind, replacement)
         return check
 
     if cases is not None:

@@ -205,8 +205,13 @@ def _import_targets(node: ast.Import | ast.ImportFrom) -> dict[str, str]:
 
 
 def chapter_names(nb) -> dict[str, str | None]:
-    """The names the course chapter binds at top level: {name: its import target, or None}."""
+    """The names the course chapter binds at top level: {name: its import target, or None}.
+
+    The exercise functions are the learner's, though the check cells rebind them
+    (``fn = checks.check_fn(fn)`` hands the rest of the chapter the function it goes on with).
+    """
     names: dict[str, str | None] = {}
+    exercise_functions: set[str] = set()
     for cell in nb.cells:
         if cell.cell_type != "code":
             continue
@@ -216,7 +221,8 @@ def chapter_names(nb) -> dict[str, str | None]:
             continue
         for node in tree.body:
             if "NotImplementedError" in cell.source and isinstance(node, ast.FunctionDef):
-                continue  # an exercise stub: the learner's to define
+                exercise_functions.add(node.name)  # an exercise stub: the learner's to define
+                continue
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 names.update(_import_targets(node))
             elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
@@ -225,7 +231,7 @@ def chapter_names(nb) -> dict[str, str | None]:
                 for sub in ast.walk(node):
                     if isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Store):
                         names.setdefault(sub.id, None)
-    return names
+    return {name: target for name, target in names.items() if name not in exercise_functions}
 
 
 def learner_code(source: str, exercise: str, protected: dict[str, str | None], own: set[str],
