@@ -81,7 +81,7 @@ def test_an_exercise_is_added_by_its_check_module_and_its_notebook_alone(tmp_pat
     path = course / "solutions" / "03_qk_ov.ipynb"
     nb = nbformat.read(str(path), as_version=4)
     last_check = max(i for i, cell in enumerate(nb.cells) if "check" in cell.metadata.get("tags", []))
-    check = new_code_cell("checks.check_token_qk_circuit_again(token_qk_circuit_again)", metadata={"tags": ["check"]})
+    check = new_code_cell("token_qk_circuit_again = checks.check_token_qk_circuit_again(token_qk_circuit_again)", metadata={"tags": ["check"]})
     nb.cells[last_check + 1:last_check + 1] = [new_markdown_cell(HEADING), new_code_cell(CODE), check]
     nbformat.write(nb, str(path))
 
@@ -91,7 +91,7 @@ def test_an_exercise_is_added_by_its_check_module_and_its_notebook_alone(tmp_pat
     assert built.returncode == 0, built.stdout + built.stderr
     assert "3.7 the token-only QK circuit, once more" in (course / "INSTRUCTORS.md").read_text()  # the catalogue
     chapter = (course / "chapters" / "03_qk_ov.ipynb").read_text()
-    assert "Exercise 3.7" in chapter and "checks.check_token_qk_circuit_again(token_qk_circuit_again)" in chapter
+    assert "Exercise 3.7" in chapter and "token_qk_circuit_again = checks.check_token_qk_circuit_again(token_qk_circuit_again)" in chapter
     tests = ["tests/exercises/test_exercises.py", "tests/exercises/test_checks.py", "tests/tooling/test_notebooks.py",
              "tests/tooling/test_grade.py"]
     ran = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow", *tests,

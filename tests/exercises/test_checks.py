@@ -6,6 +6,7 @@ exercise label, what went wrong and a hint. Never a raw exception or a traceback
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import re
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from utils import checks
+from utils.checks import engine
 from utils import circuits as _circuits, fourier as _fourier, models as _models, tasks as _tasks, train as _train
 from utils import proofs as _proofs, residual_paths as _residual_paths
 from utils.checks import CheckFailed
@@ -959,3 +961,51 @@ def test_every_stand_in_takes_the_learners_arguments():
         parameters = list(inspect.signature(spec.stand_in).parameters.values())
         required = [p for p in parameters if p.default is inspect.Parameter.empty]
         assert len(required) <= wanted <= len(parameters), (spec.number, wanted, parameters)
+
+
+# ------------------------------------------------------------------ diagnoses the engine makes for every exercise
+def test_a_hook_on_the_attention_scores_is_named_as_the_transformerlens_4_trap():
+    from transformer_lens.utilities import get_act_name
+
+    def uniform_attention_accuracy(model, lists):  # ablating through the scores, as in TransformerLens 2 and ARENA
+        def uniform_scores(scores, hook):
+            return torch.zeros_like(scores).masked_fill(~torch.ones_like(scores, dtype=torch.bool).tril(), -1e9)
+
+        logits = model.run_with_hooks(lists, fwd_hooks=[(get_act_name("attn_scores", 0), uniform_scores)])
+        return (logits[:, -1].argmax(-1) == lists.max(-1).values).float().mean().item()
+
+    message = _fails("uniform_attention_accuracy", uniform_attention_accuracy)
+    assert "hook_attn_scores" in message and "TransformerLens 4 models drop edits" in message, message
+    assert "What the check saw" in message, message
+
+
+def test_the_parts_of_a_tuple_or_a_dict_are_named():
+    spec = checks.EXERCISES["4.2"]
+    attempt = engine.Attempt(spec)
+    right = {"token-token": torch.zeros(2), "token-position": torch.ones(2)}
+    with pytest.raises(CheckFailed, match=r"same keys in another order, \['token-position', 'token-token'\]"):
+        engine.compare(dict(reversed(list(right.items()))), right, attempt)
+    with pytest.raises(CheckFailed, match=r"entry 'token-position'"):
+        engine.compare({**right, "token-position": torch.zeros(2)}, right, attempt)
+    with pytest.raises(CheckFailed, match=r"the second of the 2 results"):
+        engine.compare((1.0, 2.0), (1.0, 3.0), attempt)
+    named = engine.Attempt(dataclasses.replace(spec, parts=("the scores", "the margin")))
+    with pytest.raises(CheckFailed, match=r"for the margin expected 3"):
+        engine.compare((1.0, 2.0), (1.0, 3.0), named)
+
+
+@pytest.mark.parametrize("check_name", ["fraction_attending_to_max", "copying_score"])
+def test_a_tensor_where_a_float_is_asked_for_is_refused(check_name):
+    reference = CHECKS[check_name][1]
+
+    def as_a_tensor(*args):
+        return torch.tensor(reference(*args))
+
+    assert "expected a Python float, got a tensor" in _fails(check_name, as_a_tensor)
+
+
+def test_a_mistake_that_gives_nan_is_recognised_by_its_nans():
+    wrong = torch.tensor([[1.0, float("nan")], [0.5, 0.5]])
+    assert engine.matches(wrong.clone(), wrong)
+    assert not engine.matches(torch.tensor([[1.0, 0.0], [0.5, 0.5]]), wrong)
+    assert not engine.matches(torch.tensor([[1.0, float("nan")], [0.4, 0.6]]), wrong)

@@ -64,7 +64,8 @@ def test_heading_stub_and_check_cell_agree_with_the_spec(spec):
     assert HEADING.search(heading).group(3) == spec.title, (HEADING.search(heading).group(3), spec.title)
     assert re.search(rf"^def {spec.function}\(", code, re.MULTILINE), f"the cell after the heading does not define {spec.function}"
     assert notebooks.BEGIN_MARKER in code, "the exercise's code cell has no solution block"
-    assert check.strip() == f"checks.check_{spec.function}({spec.function})", check
+    # the check hands back the function the rest of the chapter uses: the learner's, or the course's stand-in
+    assert check.strip() == f"{spec.function} = checks.check_{spec.function}({spec.function})", check
     assert getattr(checks, f"check_{spec.function}") is spec.check
 
 

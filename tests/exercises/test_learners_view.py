@@ -115,16 +115,13 @@ def _used_names(sources: list[str]) -> set[str]:
 
 
 @pytest.mark.parametrize("chapter", LEARNERS_VIEW)
-def test_check_cells_hand_back_the_function_and_later_cells_use_it(chapter):
+def test_later_cells_use_at_least_half_of_the_exercise_functions(chapter):
     cells = SOLUTIONS[chapter].cells
     specs = [s for s in checks.EXERCISES.values() if int(s.number.split(".")[0]) == chapter]
     used = []
     for spec in specs:
         [at] = [i for i, c in enumerate(cells) if "check" in c.metadata.get("tags", [])
                 and f"check_{spec.function}(" in c.source]
-        form = f"{spec.function} = checks.check_{spec.function}({spec.function})"
-        assert cells[at].source.strip() == form, \
-            f"exercise {spec.number}: its check cell should read `{form}`, reads `{cells[at].source.strip()}`"
         later = [c.source for c in cells[at + 1:] if c.cell_type == "code" and "check" not in c.metadata.get("tags", [])]
         if spec.function in _used_names(later):
             used.append(spec.number)

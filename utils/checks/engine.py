@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
@@ -75,6 +76,7 @@ class ExerciseSpec:
     rtol: float = 1e-4
     kind: str = "analysis"  # "analysis" (a measurement, a hook, an ablation) or "implementation"
     replacement: Callable | None = None  # what stands in for a failed attempt, if not references[0] as it is
+    parts: tuple[str, ...] = ()  # names of the parts of a tuple result, for the messages ("the scores", ...)
 
     @property
     def stand_in(self) -> Callable:
@@ -100,6 +102,7 @@ class Attempt:
     namespace: dict = field(default_factory=dict, compare=False, repr=False)
     names: dict = field(default_factory=dict, compare=False, repr=False)
     advice: str = ""  # a hint for this part of the check only, instead of the exercise's
+    noticed: set = field(default_factory=set, compare=False, repr=False)  # causes seen while the learner's code ran
 
     def __str__(self) -> str:
         return f"{self.spec.label} {self.where}".rstrip()
@@ -118,7 +121,8 @@ EXERCISES: dict[str, ExerciseSpec] = {}
 
 def exercise(number: str, title: str, *references: Callable, hint: str = "", mistakes: tuple[Mistake, ...] = (),
              cases: Callable[[], list[Case]] | None = None, atol: float = 1e-5, rtol: float = 1e-4,
-             kind: str = "analysis", function: str | None = None, replacement: Callable | None = None) -> Callable:
+             kind: str = "analysis", function: str | None = None, replacement: Callable | None = None,
+             parts: tuple[str, ...] = ()) -> Callable:
     """Register the checker of exercise `number` and return it.
 
     Used as a decorator on ``check_<function>(fn, attempt)`` (a body of its own), or, given
@@ -150,6 +154,9 @@ def exercise(number: str, title: str, *references: Callable, hint: str = "", mis
                                       f"{spec.function}, then this check again.")
                 body(fn, attempt)
             except CheckFailed as failure:
+                if attempt.noticed and not any(cause in failure.args[0] for cause in attempt.noticed):
+                    failure = CheckFailed(f"{attempt}: {'; '.join(sorted(attempt.noticed))}. (What the check saw: "
+                                          f"{failure.args[0].removeprefix(f'{attempt}: ')})")
                 if strict():
                     raise failure.with_traceback(None) from None
                 print(f"\x1b[31m✗ {failure.args[0]}\x1b[0m")
@@ -161,7 +168,7 @@ def exercise(number: str, title: str, *references: Callable, hint: str = "", mis
         check.__name__ = check.__qualname__ = f"check_{spec_function}"
         check.__doc__ = f"Check exercise {number} ({title}): call with your {spec_function} function."
         EXERCISES[number] = ExerciseSpec(number, title, spec_function, references, check, hint, tuple(mistakes),
-                                         cases, atol, rtol, kind, replacement)
+                                         cases, atol, rtol, kind, replacement, tuple(parts))
         return check
 
     if cases is not None:
@@ -204,10 +211,29 @@ def check_case(fn: Callable, attempt: Attempt, args: tuple, reference: Callable 
     compare(got, expected, attempt, args, atol=tolerance.get("atol", spec.atol), rtol=tolerance.get("rtol", spec.rtol))
 
 
+# TransformerLens 4 bridges compute attention inside the wrapped module: an edit returned from a hook on
+# hook_attn_scores is dropped, and this UserWarning is the only sign (../shared/TRANSFORMER_LENS_4.md)
+SCORES_EDIT_DROPPED = "hook_attn_scores returned a modified tensor"
+SCORES_TRAP = ("your hook edits hook_attn_scores, and TransformerLens 4 models drop edits made there (a UserWarning "
+               "is the only sign): the model ran as if your hook did nothing. Edit the attention pattern "
+               "(hook_pattern), or the queries and keys, instead")
+
+
 def call_learner(fn: Callable, attempt: Attempt, *args: Any, **kwargs: Any) -> Any:
-    """Call the learner's function, turning 'not implemented', crashes and calls of the answer into CheckFailed."""
+    """Call the learner's function, turning 'not implemented', crashes and calls of the answer into CheckFailed.
+
+    A hook edit that TransformerLens dropped (see SCORES_TRAP) is noted on the attempt, and a failure
+    message then starts with it.
+    """
     try:
-        called, result = guard.run_watched(fn, attempt, *args, **kwargs)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            called, result = guard.run_watched(fn, attempt, *args, **kwargs)
+        for warning in seen:
+            if SCORES_EDIT_DROPPED in str(warning.message):
+                attempt.noticed.add(SCORES_TRAP)
+            else:
+                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     except NotImplementedError:
         raise CheckFailed(f"{attempt}: not implemented yet. Fill in the function in the cell above, "
                           f"run that cell, then run this check again.") from None
@@ -234,7 +260,7 @@ def compare(got: Any, expected: Any, attempt: Attempt, inputs: tuple | None = No
     if isinstance(expected, Tensor):
         compare_tensors(got, expected, attempt, atol=atol, rtol=rtol, what=what, inputs=inputs)
     elif isinstance(expected, (float, int)) and not isinstance(expected, bool):
-        compare_float(got, float(expected), attempt, f"the {what}", atol=atol, inputs=inputs)
+        compare_float(got, float(expected), attempt, _noun(what), atol=atol, inputs=inputs)
     elif isinstance(expected, (tuple, dict)):
         try:
             _compare_parts(got, expected, attempt, atol, rtol, what)
@@ -254,18 +280,38 @@ def _compare_parts(got: Any, expected: tuple | dict, attempt: Attempt, atol: flo
             shown = f"a tuple of {len(got)}" if isinstance(got, tuple) else type(got).__name__
             raise CheckFailed(f"{attempt}: expected a tuple of {len(expected)} results, got {shown}. "
                               f"Hint: {attempt.hint}")
+        names = attempt.spec.parts if what == "result" and len(attempt.spec.parts) == len(expected) else ()
         for i, (g, e) in enumerate(zip(got, expected)):
-            compare(g, e, attempt, None, atol, rtol, f"{what} {i}")
+            part = names[i] if names else f"the {_ORDINALS[i] if i < len(_ORDINALS) else f'#{i + 1}'} of the {len(expected)} results"
+            compare(g, e, attempt, None, atol, rtol, part if what == "result" else f"{part} in {_noun(what)}")
         return
     if not isinstance(got, dict) or list(got) != list(expected):
-        shown = sorted(got) if isinstance(got, dict) else type(got).__name__
-        raise CheckFailed(f"{attempt}: expected a dict with keys {list(expected)}, got {shown}. Hint: {attempt.hint}")
+        if not isinstance(got, dict):
+            shown = f"a {type(got).__name__}"
+        elif set(got) == set(expected):
+            shown = f"the same keys in another order, {list(got)}"
+        else:
+            shown = f"keys {list(got)}"
+        raise CheckFailed(f"{attempt}: expected a dict with keys {list(expected)}, in this order; got {shown}. "
+                          f"Hint: {attempt.hint}")
     for key in expected:
-        compare(got[key], expected[key], attempt, None, atol, rtol, f"entry {key!r}")
+        compare(got[key], expected[key], attempt, None, atol, rtol,
+                f"entry {key!r}" if what == "result" else f"entry {key!r} of {_noun(what)}")
+
+
+def _noun(what: str) -> str:
+    """'the result' for "result"; a part's name as it is ("entry 'x'", "the second of the 2 results")."""
+    return "the result" if what == "result" else what
+
+
+_ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth")
 
 
 def matches(got: Any, wrong: Any, atol: float = 1e-5, rtol: float = 1e-4) -> bool:
-    """True when `got` equals what a mistake gives (quietly False when the two cannot be compared)."""
+    """True when `got` equals what a mistake gives, NaN where it has NaN (quietly False when they cannot be compared)."""
+    if isinstance(got, Tensor) and isinstance(wrong, Tensor) and torch.isnan(wrong).any():
+        return (got.shape == wrong.shape and got.dtype.is_floating_point
+                and torch.allclose(got.detach().to(wrong.dtype), wrong, atol=atol, rtol=rtol, equal_nan=True))
     try:
         compare(got, wrong, _QUIET, None, atol=atol, rtol=rtol)
         return True
@@ -305,18 +351,20 @@ def compare_tensors(got: Any, expected: Tensor, attempt: Attempt, atol: float = 
     def wrong(problem: str) -> None:
         fail(attempt, problem, got, inputs, atol, rtol)
 
+    what = _noun(what)
+
     if not isinstance(got, Tensor):
-        wrong(f"expected the {what} to be a torch.Tensor, got {type(got).__name__}")
+        wrong(f"expected {what} to be a torch.Tensor, got {type(got).__name__}")
     if type(got) not in (Tensor, torch.nn.Parameter):  # a subclass could answer every comparison as it likes
-        raise CheckFailed(f"{attempt}: expected the {what} to be a plain torch.Tensor, got a {type(got).__name__}. "
+        raise CheckFailed(f"{attempt}: expected {what} to be a plain torch.Tensor, got a {type(got).__name__}. "
                           "Hint: return the result of torch operations, not a tensor subclass.")
     if tuple(got.shape) != tuple(expected.shape):
-        wrong(f"expected the {what} to have shape {tuple(expected.shape)}, got {tuple(got.shape)}")
+        wrong(f"expected {what} to have shape {tuple(expected.shape)}, got {tuple(got.shape)}")
     if (expected.dtype.is_floating_point != got.dtype.is_floating_point
             or (expected.dtype == torch.bool) != (got.dtype == torch.bool)):
-        wrong(f"expected the {what} to have dtype {expected.dtype}, got {got.dtype}")
+        wrong(f"expected {what} to have dtype {expected.dtype}, got {got.dtype}")
     if got.dtype.is_floating_point and torch.isnan(got).any():
-        wrong(f"the {what} contains NaN ({int(torch.isnan(got).sum())} entries)")
+        wrong(f"{what} contains NaN ({int(torch.isnan(got).sum())} entries)")
     got_cmp, exp_cmp = got.detach().to(expected.dtype), expected.detach()
     if expected.dtype.is_floating_point:
         ok = torch.allclose(got_cmp, exp_cmp, atol=atol, rtol=rtol)
@@ -325,7 +373,7 @@ def compare_tensors(got: Any, expected: Tensor, attempt: Attempt, atol: float = 
     if not ok:
         differ = ~torch.isclose(got_cmp.float(), exp_cmp.float(), atol=atol, rtol=rtol)
         idx = tuple(int(i) for i in differ.nonzero()[0])
-        wrong(f"{int(differ.sum())} of {differ.numel()} entries differ; at index {idx} "
+        wrong(f"{'' if what == 'the result' else f'in {what}, '}{int(differ.sum())} of {differ.numel()} entries differ; at index {idx} "
               f"expected {exp_cmp[idx].item():.5g}, got {got_cmp[idx].item():.5g}")
 
 
@@ -333,8 +381,10 @@ def compare_float(got: Any, expected: float, attempt: Attempt, what: str, atol: 
                   inputs: tuple | None = None) -> None:
     """Raise CheckFailed unless `got` is a finite number (or one-element tensor) within atol of `expected`."""
     original = got
-    if type(got) in (Tensor, torch.nn.Parameter) and got.numel() == 1:
-        got = got.item()
+    if isinstance(got, Tensor):
+        raise CheckFailed(f"{attempt}: for {what} expected a Python float, got a tensor of shape {tuple(got.shape)}. "
+                          "Hint: a one-element tensor becomes a number with .item(); the chapter prints and "
+                          "compares it as one.")
     if isinstance(got, bool) or not isinstance(got, (float, int)):
         fail(attempt, f"expected a float, got {type(got).__name__}", original, inputs, atol, 0.0)
     got = float.__float__(got) if isinstance(got, float) else float(int.__int__(got))  # numpy floats, not subclass tricks
