@@ -25,13 +25,15 @@ lab: $(STAMP)
 	$(BIN)/jupyter lab $(LAB_ROOT_FLAG) --ServerApp.root_dir=. chapters/00_tour.ipynb
 
 # two pytest workers (pytest-xdist): the course's models run on one thread each, so two workers use both cores
-# of a 2-core laptop; a notebook's cells stay together in one worker (--dist loadscope), and so do tests marked
-# with one xdist_group (--dist loadgroup)
+# of a 2-core laptop; a notebook's cells stay together in one worker, and so do tests marked with one
+# xdist_group (--dist loadgroup)
 WORKERS ?= 2
 
+# one session for the unit tests and the solved chapters under nbval, so that neither waits for the other's tail
+# (a notebook's cells stay on one worker: tests/conftest.py groups them)
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadgroup -m "not browser" tests
-	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadscope --nbval-lax --nbval-cell-timeout=600 solutions
+	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadgroup -m "not browser" --nbval-lax --nbval-cell-timeout=600 \
+	  tests solutions
 
 test-seeds: $(STAMP)
 	@set -e; for seed in $(SEEDS); do \

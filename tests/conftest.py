@@ -30,7 +30,7 @@ def reading_only():
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under `--dist loadgroup`, keep the tests marked with one xdist_group on one worker.
+    """Under `--dist loadgroup`, keep the tests marked with one xdist_group, and a notebook's cells, on one worker.
 
     pytest-xdist 3.8 marks them by appending "@group" to `item._nodeid`, but pytest 9 keeps a node's id in
     `item._id`, so the mark is lost and the group's expensive session fixture (the graded class) was built
@@ -41,6 +41,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     from _pytest.nodeid import coerce_node_id
 
     for item in items:
+        if item.path.suffix == ".ipynb":  # nbval: a notebook's cells run in order in one kernel, on one worker
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
         group = "_".join(sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
                                  for m in item.iter_markers("xdist_group")}))
         if group and not item.nodeid.endswith(f"@{group}"):

@@ -27,7 +27,12 @@ from utils import tasks
 ROOT = Path(__file__).resolve().parent.parent
 # CIRCUITS_MODELS_DIR points the course at another set of checkpoints (make test-seeds
 # retrains every model with another seed into a scratch folder and runs the chapters on it)
-MODELS_DIR = Path(os.environ.get("CIRCUITS_MODELS_DIR") or ROOT / "data" / "models")
+def models_dir(environ=os.environ) -> Path:
+    """Where the checkpoints are read from: $CIRCUITS_MODELS_DIR if set, else data/models."""
+    return Path(environ.get("CIRCUITS_MODELS_DIR") or ROOT / "data" / "models")
+
+
+MODELS_DIR = models_dir()
 
 Batches = Callable[[], tuple[Tensor, Tensor]]
 

@@ -707,15 +707,10 @@ def test_versions_match_the_pinned_environment():
 def test_models_dir_follows_the_environment(tmp_path):
     """make test-seeds points utils.models at retrained checkpoints with CIRCUITS_MODELS_DIR."""
     import os
-    import subprocess
 
-    code = "from utils import models; print(models.MODELS_DIR)"
-    env = dict(os.environ, CIRCUITS_MODELS_DIR=str(tmp_path))
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == str(tmp_path)
-    env.pop("CIRCUITS_MODELS_DIR")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == str(models.ROOT / "data" / "models")
+    assert models.models_dir({"CIRCUITS_MODELS_DIR": str(tmp_path)}) == tmp_path
+    assert models.models_dir({"CIRCUITS_MODELS_DIR": ""}) == models.models_dir({}) == models.ROOT / "data" / "models"
+    assert models.MODELS_DIR == models.models_dir(os.environ)  # read once, when the course is imported
 
 
 def test_reuse_skips_only_a_current_checkpoint(tmp_path, monkeypatch, capsys):

@@ -184,11 +184,33 @@ def test_report_adds_up_the_whole_course_against_its_target():
     assert "350.0" in slow and slow.split()[-1] == "OVER"
 
 
-@pytest.mark.slow  # grades two chapter-03 submissions in Jupyter kernels
-def test_class_grading_reports_seconds_and_whether_the_scores_came_out_right(capsys):
-    graded = bench.grade_class(size=2, jobs=2)
-    assert graded["submissions"] == 2 and graded["solved"] == 1 and graded["scores_as_expected"], graded
-    assert 0 < graded["seconds"] < 600
+def test_class_grading_reports_seconds_and_whether_the_scores_came_out_right(monkeypatch):
+    """bench.grade_class hands grade_all copies of chapter 03, solved and untouched in turn, and reads the scores
+    back (grading itself, in kernels, is tests/tooling/test_grade.py's: here grade_all is stood in for)."""
+    from utils.tooling import grade
+
+    graded_paths = []
+
+    def grade_all(paths, jobs=1, timeout=600, progress=None):
+        graded_paths.extend(paths)
+        reports = []
+        for path in paths:
+            solved = "BEGIN SOLUTION" in path.read_text()
+            exercises = [grade.Exercise(f"3.{i}", f"Exercise 3.{i}", "id", passed=solved) for i in range(1, 7)]
+            reports.append(grade.Report(str(path), exercises=exercises))
+            if progress:
+                progress(len(reports), path, reports[-1])
+        return reports
+
+    monkeypatch.setattr(grade, "grade_all", grade_all)
+    graded = bench.grade_class(size=3, jobs=2)
+    assert [p.parent.name for p in graded_paths] == ["learner00", "learner01", "learner02"]
+    assert graded["submissions"] == 3 and graded["solved"] == 2 and graded["scores_as_expected"], graded
+    assert 0 <= graded["seconds"] < 60
+    monkeypatch.setattr(grade, "grade_all", lambda paths, **kw: [grade.Report(str(p), exercises=[
+        grade.Exercise("3.1", "Exercise 3.1", "id", passed=False)]) for p in paths])
+    assert not bench.grade_class(size=1, jobs=1)["scores_as_expected"]  # the solved copy scored 0: noticed
+    graded = dict(graded, submissions=2, solved=1)
     line = next(ln for ln in bench.format_report({"env": {}, "training": [], "notebooks": None, "grading": graded})
                 .splitlines() if ln.startswith("GRADING"))
     assert "2 chapter-03 submissions (1 solved" in line and "target <= 300 s" in line and "as expected" in line
