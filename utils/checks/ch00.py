@@ -56,6 +56,18 @@ check_residual_from_components = exercise(
     ))
 
 
+def _own_key_masked_too(q: Tensor, k: Tensor, fill: float = float("-inf")) -> Tensor:
+    """The reference's pattern with each query's own key hidden as well as the later ones (the mask off by one).
+
+    The first query then has every key masked: a softmax over nothing is NaN with a `fill` of -inf, and an even
+    spread over every key (the future ones included) with a large finite `fill`; the other rows keep their rows.
+    """
+    scores = circuits.mask_future(circuits.attention_scores(q, k))
+    own = torch.eye(scores.shape[-1], dtype=torch.bool)
+    pattern = scores.masked_fill(own, float("-inf")).softmax(-1)
+    return pattern if math.isinf(fill) else pattern.nan_to_num(1 / scores.shape[-1])
+
+
 def _queries_and_keys() -> list[Case]:
     return [(f"on random q, k of shape {shape}", (torch.randn(*shape), torch.randn(*shape)))
             for shape in [(3, 6, 1, 32), (2, 5, 3, 8)]]
@@ -76,6 +88,15 @@ check_attention_pattern = exercise(
         Mistake("a softmax over the query axis",
                 "each query's weights over the keys must sum to 1, so normalise along the key axis.",
                 lambda q, k: circuits.mask_future(circuits.attention_scores(q, k)).softmax(-2)),
+        Mistake("a causal mask off by one, which leaves a row with every key masked",
+                "a query may look at its own position; hide only the keys after it. Hiding its own key too leaves "
+                "the first query nothing to look at, and a softmax over nothing is NaN.",
+                _own_key_masked_too),
+        Mistake("a causal mask off by one (filled with a large negative number), which leaves a row with every key "
+                "masked",
+                "a query may look at its own position; hide only the keys after it. Hiding its own key too leaves "
+                "the first query with every key masked, so its weight spreads over keys it may not see.",
+                lambda q, k: _own_key_masked_too(q, k, fill=-1e9)),
     ))
 
 
@@ -142,8 +163,9 @@ check_uniform_attention_accuracy = exercise(
         Mistake("the accuracy over every position instead of the last",
                 "the question is the last position, which has seen the whole list.",
                 _every_position_accuracy),
-        Mistake("a hook that does not return the new pattern",
-                "the forward pass uses what the hook returns; a hook that returns nothing leaves the pattern as it was.",
+        Mistake("a hook that leaves the pattern as it was",
+                "the run goes on with what a hook returns, and TransformerLens 4 drops every edit to "
+                "hook_attn_scores: hook the pattern and return the new one.",
                 lambda model, lists: circuits.last_position_accuracy(model(lists), lists)),
     ))
 
@@ -174,8 +196,9 @@ _ROTATE_MISTAKES = (
 
 
 @exercise("0.5", "rotate the residual stream", models.rotate_residual_stream, kind="implementation",
-          hint="every weight whose last axis is d_model is multiplied by R on that side, every weight whose first "
-               "axis is d_model by R.T on that side, the stream biases rotate like residual vectors, the rest is "
+          hint="find the d_model axis of each weight that touches the stream and rotate along it, so that what "
+               "a writer puts into the stream comes out rotated and a reader meets the rotated stream with the "
+               "same rotation; the stream biases are residual vectors; whatever does not touch the stream is "
                "copied.", mistakes=_ROTATE_MISTAKES)
 def check_rotate_residual_stream(fn: Callable, ex: Attempt) -> None:
     for name, model in random_models():
@@ -190,11 +213,14 @@ def check_rotate_residual_stream(fn: Callable, ex: Attempt) -> None:
         expected = models.rotate_residual_stream(*copies((state, R)))
         for key in state:
             if key.endswith(models._D_MODEL_FIRST):
-                hint = f"{key} writes to the stream (d_model is its first axis): use R.T @ W."
+                hint = (f"{key} writes to the stream with d_model as its first axis: each vector it writes must come "
+                        "out rotated like a residual vector, so rotate along that axis, and mind on which side the "
+                        "rotation stands and whether it needs its transpose there.")
             elif key.endswith(models._STREAM_BIASES):
-                hint = f"{key} is added to the stream, so it rotates like a residual vector: b @ R."
+                hint = f"{key} is added to the stream, so it is a residual vector and rotates like one."
             elif key.endswith(models._D_MODEL_LAST):
-                hint = f"{key} has d_model as its last axis: use W @ R."
+                hint = (f"{key} has d_model as its last axis: each of its rows lives in the stream, so it rotates "
+                        "the way a residual vector does.")
             else:
                 hint = f"{key} does not touch the residual stream: copy it unchanged."
             if matches(got[key], expected[key]):
