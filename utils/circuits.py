@@ -85,6 +85,14 @@ def uniform_attention_accuracy(model, lists: Tensor, layer: int = 0) -> float:
         return last_position_accuracy(logits_with_pattern_replaced(model, lists, uniform_causal_pattern, layer), lists)
 
 
+def vector_with_dot(target: Tensor, value: float, orthogonal_to: Tensor) -> Tensor:
+    """A vector u [d] with target · u = `value` and v · u = 0 for every row v of `orthogonal_to` [n, d]: `target` with
+    the rows' span projected out, rescaled."""
+    span = torch.linalg.qr(orthogonal_to.T)[0]  # an orthonormal basis of the rows, [d, n]
+    direction = target - span @ (span.T @ target)
+    return value * direction / (target @ direction)
+
+
 # --------------------------------------------------------------------- chapters 02-03: the direct path, the full QK and OV circuits
 def direct_path(model) -> Tensor:
     """The direct path W_E W_U: logits each token writes with no attention or MLP, [vocab (input), vocab (output)]."""

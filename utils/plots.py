@@ -167,3 +167,19 @@ def grouped_bars(groups: dict[str, dict[str, float]], x_label: str, y_label: str
     fig.update_layout(**_LAYOUT, barmode="group", title=title, xaxis_title=x_label, yaxis_title=y_label,
                       width=680, height=380)
     return fig
+
+
+# ---- chapter 00
+def histogram(values: Tensor | Sequence[float], x_label: str, title: str, marks: dict[str, float] | None = None,
+              bins: int = 40, y_label: str = "count", log_y: bool = False) -> go.Figure:
+    """Histogram of `values` in `bins` equal bins, with a dashed vertical line at each named value of `marks`
+    (e.g. what a baseline would give)."""
+    fig = go.Figure(go.Histogram(x=_np(values), nbinsx=bins, name=x_label))
+    for name, at in (marks or {}).items():
+        fig.add_vline(x=at, line_dash="dash", line_color="#d62728", annotation_text=name,
+                      annotation_position="top right")
+    fig.update_layout(**_LAYOUT, title=title, xaxis_title=x_label, yaxis_title=y_label, bargap=0.05,
+                      width=640, height=360)
+    if log_y:
+        fig.update_yaxes(type="log")
+    return fig
