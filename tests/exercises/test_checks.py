@@ -979,6 +979,19 @@ def test_a_hook_on_the_attention_scores_is_named_as_the_transformerlens_4_trap()
     assert "What the check saw" in message, message
 
 
+def test_an_edit_in_place_on_the_attention_scores_is_named_as_the_trap_too():
+    from transformer_lens.utilities import get_act_name
+
+    def uniform_attention_accuracy(model, lists):  # an edit in place raises no warning: the source names the hook
+        def uniform_scores(scores, hook):
+            scores.zero_()
+
+        logits = model.run_with_hooks(lists, fwd_hooks=[(get_act_name("attn_scores", 0), uniform_scores)])
+        return (logits[:, -1].argmax(-1) == lists.max(-1).values).float().mean().item()
+
+    assert "TransformerLens 4 models drop edits" in _fails("uniform_attention_accuracy", uniform_attention_accuracy)
+
+
 def test_the_parts_of_a_tuple_or_a_dict_are_named():
     spec = checks.EXERCISES["4.2"]
     attempt = engine.Attempt(spec)

@@ -11,6 +11,7 @@ object it can reach holds the answer (tests/exercises/test_checks.py tries to fi
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import sys
@@ -154,6 +155,8 @@ def exercise(number: str, title: str, *references: Callable, hint: str = "", mis
                                       f"{spec.function}, then this check again.")
                 body(fn, attempt)
             except CheckFailed as failure:
+                if _names_the_scores_hook(fn):  # an edit made in place there is dropped without a warning
+                    attempt.noticed.add(SCORES_TRAP)
                 if attempt.noticed and not any(cause in failure.args[0] for cause in attempt.noticed):
                     failure = CheckFailed(f"{attempt}: {'; '.join(sorted(attempt.noticed))}. (What the check saw: "
                                           f"{failure.args[0].removeprefix(f'{attempt}: ')})")
@@ -217,6 +220,15 @@ SCORES_EDIT_DROPPED = "hook_attn_scores returned a modified tensor"
 SCORES_TRAP = ("your hook edits hook_attn_scores, and TransformerLens 4 models drop edits made there (a UserWarning "
                "is the only sign): the model ran as if your hook did nothing. Edit the attention pattern "
                "(hook_pattern), or the queries and keys, instead")
+
+
+def _names_the_scores_hook(fn: Callable) -> bool:
+    """True when the learner's function's source names the attention-scores hook point."""
+    try:
+        source = inspect.getsource(fn)
+    except (OSError, TypeError):  # no source to read (a builtin, a lambda typed at a prompt)
+        return False
+    return "attn_scores" in source
 
 
 def call_learner(fn: Callable, attempt: Attempt, *args: Any, **kwargs: Any) -> Any:
