@@ -293,6 +293,20 @@ QK_PARTS = ("const", "token", "pos")
 QK_TERMS = tuple(f"{a}·{b}" for a in QK_PARTS for b in QK_PARTS)
 
 
+def key_pairs_out_of_order(scores: Tensor) -> tuple[int, int]:
+    """(how many (query token a, key tokens b < c) of a map [vocab (query token), vocab (key token)] do not score c
+    strictly above b; how many of those a list can hold, with the larger key c at least the query token a).
+
+    A list holds its query token, so c can be the list's maximum only if c >= a: a pair out of order in a
+    row whose query token is larger than both keys never decides a list.
+    """
+    n = scores.shape[-1]
+    pairs = torch.triu(torch.ones(n, n, dtype=torch.bool), diagonal=1)  # [b, c]: b < c
+    wrong = (scores[:, None, :] <= scores[:, :, None]) & pairs  # [query token, b, c]: c does not beat b
+    held = torch.arange(n)[None, None, :] >= torch.arange(scores.shape[0])[:, None, None]  # c >= query token
+    return int(wrong.sum()), int((wrong & held).sum())
+
+
 def residual_parts(model, pos: int, side: str) -> dict[str, Tensor]:
     """The residual stream at `pos`, W_E + W_pos[pos], split into a shared part and what differs, each [vocab, d_model].
 
@@ -374,6 +388,15 @@ def ordering_by_term(model, query_pos: int, key_pos: int) -> dict[str, tuple[flo
             for name, term in qk_score_terms(model, query_pos, key_pos).items()}
 
 
+def variance_on_first_key_axis(model, layer: int = 0, head: int = 0) -> float:
+    """Share of the centred key tokens' variance, (W_E - mean W_E) W_K [vocab, d_head], on their first principal axis.
+
+    Near 1 when the key tokens reach the attention score along one direction of key space.
+    """
+    s = torch.linalg.svdvals((model.W_E - model.W_E.mean(0)) @ model.W_K[layer, head])
+    return (s[0] ** 2 / (s ** 2).sum()).item()
+
+
 def run_without_query_part(model, tokens: Tensor, part: str | None, layer: int = 0,
                            head: int = 0) -> tuple[Tensor, Tensor]:
     """Run `tokens` [batch, pos] with one part of every query taken out: (logits [batch, pos, vocab],
@@ -401,6 +424,25 @@ def run_without_query_part(model, tokens: Tensor, part: str | None, layer: int =
     logits = model.run_with_hooks(tokens, fwd_hooks=[(get_act_name("q", layer), remove),
                                                      (get_act_name("pattern", layer), keep)])
     return logits, patterns["pattern"]
+
+
+def accuracy_and_gap1_share(model, lists: Tensor, part: str | None = None) -> tuple[dict[int, float], dict[int, float]]:
+    """Max-of-list `lists` [batch, n_ctx] run with one part of every query taken out (run_without_query_part):
+    (accuracy at every list length 2 .. n_ctx, the mean share of the attention on the maximum, all copies together,
+    on the lists whose two largest values are one apart, at every list length), both keyed by the length.
+
+    A list of length n is the first n tokens; its answer and its attention are read at position n - 1.
+    """
+    logits, pattern = run_without_query_part(model, lists, part)
+    running_max = lists.cummax(-1).values  # [list, position]: the answer at every position
+    right = (logits.argmax(-1) == running_max).float().mean(0)  # [position]
+    share_on_max = (pattern * (lists[:, None, :] == running_max[:, :, None])).sum(-1)  # [list, query position]
+    accuracy, gap1_share = {}, {}
+    for q in range(1, lists.shape[1]):
+        top_two = lists[:, : q + 1].topk(2, dim=-1).values
+        accuracy[q + 1] = right[q].item()
+        gap1_share[q + 1] = share_on_max[top_two[:, 0] - top_two[:, 1] == 1, q].mean().item()
+    return accuracy, gap1_share
 
 
 def qk_score_table(model, layer: int = 0, head: int = 0, dtype: torch.dtype = torch.float32,

@@ -352,6 +352,19 @@ def noised_copy(model, task: str, scale: float, seed: int | None = None) -> Tran
     return model_from_state(dict(spec(task).config), state)
 
 
+def moved_to_token_embeddings(model, task: str, vector: Tensor) -> TransformerBridge:
+    """A copy of `model` (a model of `task`) with `vector` [d_model] added to every token embedding (W_E) and
+    subtracted from every positional embedding (W_pos).
+
+    Every residual stream W_E[token] + W_pos[pos] is unchanged, so is every score and every logit: only how what
+    every input shares is divided between W_E and W_pos differs.
+    """
+    state = dict(model.state_dict())
+    state["embed.weight"] = state["embed.weight"] + vector
+    state["pos_embed.weight"] = state["pos_embed.weight"] - vector
+    return model_from_state(dict(spec(task).config), state)
+
+
 def model_from_state(config: dict, state: dict[str, Tensor]) -> TransformerBridge:
     """A model built from TransformerBridgeConfig keyword arguments and a state dict (eval mode)."""
     model = TransformerBridge.boot_native(TransformerBridgeConfig(**config))

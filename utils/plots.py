@@ -183,3 +183,41 @@ def histogram(values: Tensor | Sequence[float], x_label: str, title: str, marks:
     if log_y:
         fig.update_yaxes(type="log")
     return fig
+
+
+# ---- chapter 04
+def term_heatmaps(terms: dict[str, Tensor], x_label: str, y_label: str, title: str,
+                  color_label: str = "attention score") -> go.Figure:
+    """One heatmap per named map [rows = y, columns = x], side by side on one diverging colour scale centred on zero,
+    so that their sizes compare at a glance."""
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=len(terms), subplot_titles=list(terms), shared_yaxes=True,
+                        horizontal_spacing=0.02)
+    for col, (name, values) in enumerate(terms.items(), start=1):
+        fig.add_trace(go.Heatmap(z=_np(values), coloraxis="coloraxis", name=name,
+                                 hovertemplate=f"{x_label} %{{x}}, {y_label} %{{y}}: %{{z:.2f}}<extra>{name}</extra>"),
+                      row=1, col=col)
+        fig.update_xaxes(title_text=x_label, row=1, col=col)
+    fig.update_yaxes(autorange="reversed")  # row 0 at the top, as in the other heatmaps
+    fig.update_yaxes(title_text=y_label, row=1, col=1)
+    fig.update_layout(**_LAYOUT, title=title, width=240 * len(terms) + 120, height=360,
+                      coloraxis=dict(colorscale="RdBu", cmid=0.0, colorbar_title=color_label))
+    return fig
+
+
+def share_against_need(need: Tensor, share: Tensor, right: Tensor, title: str) -> go.Figure:
+    """One point per list: the share of attention on the maximum (y) against the share it needs (x), coloured by
+    whether the model answers the list right; the dashed diagonal is share = need, so points below it get less than
+    the worst case asks for. A need above 1 (no share is sure to win) is drawn at 1."""
+    need, right = need.clamp(max=1.0), right.bool()
+    fig = go.Figure()
+    for label, keep, colour in (("answered right", right, "#1f77b4"), ("answered wrong", ~right, "#d62728")):
+        fig.add_trace(go.Scattergl(x=_np(need[keep]), y=_np(share[keep]), mode="markers", name=label,
+                                   marker=dict(size=4, color=colour, opacity=0.5)))
+    fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="share = need",
+                             line=dict(dash="dash", color="grey")))
+    fig.update_layout(**_LAYOUT, title=title, xaxis_title="attention the maximum needs (worst case over positions)",
+                      yaxis_title="attention the maximum gets", xaxis_range=[0, 1], yaxis_range=[0, 1.02],
+                      width=620, height=480)
+    return fig

@@ -38,14 +38,6 @@ def _scores_on_lists(model, lists: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bd,bkd->bk", q, k) / model.cfg.d_head ** 0.5
 
 
-def _moved(model, vector):
-    """The same model with `vector` added to every token embedding and taken from every positional embedding."""
-    state = dict(model.state_dict())
-    state["embed.weight"] = state["embed.weight"] + vector
-    state["pos_embed.weight"] = state["pos_embed.weight"] - vector
-    return models.model_from_state(dict(models.spec("max_of_list").config), state)
-
-
 def test_the_nine_terms_add_up_to_the_positional_circuit_and_depend_on_what_their_names_say(noisy):
     for q, k in [(5, 2), (1, 1), (3, 0), (0, 0)]:
         terms = circuits.qk_score_terms(noisy, q, k)
@@ -73,7 +65,7 @@ def test_the_parts_of_each_side_take_their_means_over_the_positions_that_side_ca
 
 
 def test_moving_a_vector_from_w_pos_to_w_e_changes_the_split_as_stored_but_not_the_nine_terms(shipped):
-    moved = _moved(shipped, shipped.W_pos[1:].mean(0))
+    moved = models.moved_to_token_embeddings(shipped, "max_of_list", shipped.W_pos[1:].mean(0))
     lists = torch.randint(0, 64, (500, 6), generator=torch.Generator().manual_seed(3))
     assert torch.allclose(moved(lists), shipped(lists), atol=1e-3)
     for q, k in [(5, 2), (1, 0)]:
@@ -251,3 +243,26 @@ def test_attention_on_maximum_reads_the_pattern_and_the_answers(shipped):
     assert torch.allclose(share, torch.stack([row[0, 1] + row[0, 2], row[1, 0], row[2].sum()]))
     answers = shipped(lists)[:, -1].argmax(-1)
     assert torch.equal(right, answers == lists.max(-1).values)
+
+
+def test_key_pairs_out_of_order_counts_ties_and_wrong_orders_and_those_a_list_can_hold():
+    scores = torch.tensor([[0.0, 1.0, 2.0],  # query token 0: every pair in order
+                           [0.0, 0.0, 2.0],  # query token 1: keys 0 and 1 tie (a list with maximum 1 can hold it)
+                           [2.0, 1.0, 0.0]])  # query token 2: every pair reversed; only pairs with key 2 are in a list
+    assert circuits.key_pairs_out_of_order(scores) == (4, 3)
+    assert circuits.key_pairs_out_of_order(circuits.full_qk_tokens(models.load_model("max_of_list")))[0] > 0
+
+
+def test_the_trained_keys_reach_the_score_along_one_axis_and_untrained_ones_do_not(shipped):
+    assert circuits.variance_on_first_key_axis(shipped) > 0.9
+    assert circuits.variance_on_first_key_axis(models.build_model("max_of_list", seed=1)) < 0.5
+
+
+def test_accuracy_and_gap1_share_read_the_model_and_its_pattern(noisy):
+    lists = torch.randint(0, 64, (400, 6), generator=torch.Generator().manual_seed(6))
+    accuracy, gap1 = circuits.accuracy_and_gap1_share(noisy, lists)
+    assert list(accuracy) == list(gap1) == [2, 3, 4, 5, 6]
+    assert accuracy[6] == (noisy(lists)[:, -1].argmax(-1) == lists.max(-1).values).float().mean().item()
+    share, _ = circuits.attention_on_maximum(noisy, lists)
+    top_two = lists.topk(2, dim=-1).values
+    assert gap1[6] == pytest.approx(share[top_two[:, 0] - top_two[:, 1] == 1].mean().item(), abs=1e-6)

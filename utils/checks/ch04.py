@@ -60,9 +60,8 @@ def _tokens_uncentred(model, pos: int, side: str) -> dict[str, Tensor]:
 check_qk_terms = exercise(
     "4.2", "the nine terms of the score", circuits.qk_score_terms, function="qk_terms",
     kind="implementation", cases=_positional_cases, atol=1e-4,
-    hint="each side of the score is a shared part (the mean token embedding plus the mean positional embedding over "
-         "the positions that side can hold) plus the token's and the position's differences from those means; "
-         "multiply the sum out into nine products, scale each as the head does, and spread each to a full map.",
+    hint="split each side into a shared part (the token mean plus that side's positional mean) and the token's and "
+         "the position's differences from it; the nine products, scaled as the head scales, add up to the score.",
     mistakes=(
         Mistake("the terms without the head's 1/sqrt(d_head) scale",
                 "the nine terms must add up to the scaled score of Exercise 4.1, so each carries the scale.",
@@ -107,7 +106,8 @@ check_ordering_by_term = exercise(
     "4.3", "which term orders the keys?", circuits.ordering_by_term, function="ordering_by_term",
     cases=_term_cases, atol=1e-3,
     hint="for each term alone, count the strict wins of a larger key token over a smaller one within each query "
-         "token's row, and measure how far the term moves along a row (over key tokens), averaged over the rows.",
+         "token's row, and measure how far the term moves along a row (the sample standard deviation over key "
+         "tokens), averaged over the rows.",
     mistakes=(
         Mistake("ties counted as ordered",
                 "a term that gives every key token the same score prefers none of them: count strict wins only.",
@@ -120,6 +120,11 @@ check_ordering_by_term = exercise(
                 "a term that only changes from row to row moves no key against another; take the spread within "
                 "each row, then average.",
                 lambda model, q, k: _term_table(model, q, k, spread=lambda term: term.std().item())),
+        Mistake("the population standard deviation (dividing by the number of key tokens)",
+                "the spread asked for is the sample standard deviation, torch's default, which divides by one fewer "
+                "than the number of key tokens.",
+                lambda model, q, k: _term_table(model, q, k,
+                                                spread=lambda term: term.std(-1, correction=0).mean().item())),
         Mistake("terms without the head's 1/sqrt(d_head) scale",
                 "the spreads are in units of attention score, which the head scales before the softmax.",
                 lambda model, q, k: {name: (share, spread * model.cfg.d_head ** 0.5)
@@ -193,9 +198,28 @@ def _mean_ov_lead(model) -> Tensor:
     return circuits.worst_ov_lead(circuits.ov_logit_table(model).mean(0, keepdim=True))
 
 
+def _unclipped(model) -> Tensor:
+    """attention_needed without the clip at 0: where every share wins, the largest of the rivals' shares (below 0)."""
+    lead, direct = circuits.worst_ov_lead(circuits.ov_logit_table(model)), circuits.worst_direct_lead(model)
+    need = circuits.attention_needed(model)
+    return torch.where(need == 0, circuits.shares_needed(lead, direct).max(-1).values, need)
+
+
+def _runner_up_as_maximum(model):
+    """A copy of `model` whose token 62 has token 63's embedding: attending to the runner-up 62 writes what attending
+    to the maximum 63 writes, so every share wins for (63, 62), and the need there is the clip at 0."""
+    def copy_row(w: Tensor) -> Tensor:
+        w = w.clone()
+        w[62] = w[63]
+        return w
+    return changed_copy(model, "max_of_list", "embed.weight", copy_row)
+
+
 def _need_cases() -> list[Case]:
     return [("on the shipped checkpoint with noise on its weights", (noisy_model("max_of_list", 0.1),)),
-            ("on the shipped checkpoint with more noise", (noisy_model("max_of_list", 0.3),))]
+            ("on the shipped checkpoint with more noise", (noisy_model("max_of_list", 0.3),)),
+            ("on a noisy checkpoint whose token 62 has token 63's embedding (every share wins for 63 over 62)",
+             (_runner_up_as_maximum(noisy_model("max_of_list", 0.1)),))]
 
 
 check_attention_needed = exercise(
@@ -221,6 +245,10 @@ check_attention_needed = exercise(
         Mistake("key positions averaged, not the worst",
                 "the maximum can sit at any position; a need that holds wherever it sits takes the worst one.",
                 lambda model: _need(model, lead=_mean_ov_lead(model))),
+        Mistake("the need not clipped at 0",
+                "where the maximum wins whatever share it gets, every rival's line is positive already at share 0 "
+                "(or never needs more): the least share it needs is 0, not a negative number or -inf.",
+                _unclipped),
     ))
 
 
