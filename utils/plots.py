@@ -193,14 +193,14 @@ def log_ratio_scatter(true: Tensor, estimates: dict[str, Tensor], title: str) ->
 
 # ---- chapter 03
 def eigenvalue_planes(eigenvalues: dict[str, Tensor | Sequence[Tensor]], title: str,
-                      scores: dict[str, float] | None = None) -> go.Figure:
+                      notes: dict[str, str] | None = None) -> go.Figure:
     """One panel per named circuit: its eigenvalues in the complex plane, each set divided by its largest |λ|,
-    with the unit circle; a panel given several sets (several heads) shows them all. `scores` (a copying
-    score per panel) go in the panel titles."""
+    with the unit circle; a panel given several sets (several heads) shows them all. `notes` (e.g. a
+    panel's copying score) go under the panel titles."""
     from plotly.subplots import make_subplots
 
     names = list(eigenvalues)
-    titles = [f"{name}<br>copying score {scores[name]:+.3f}" if scores and name in scores else name for name in names]
+    titles = [f"{name}<br>{notes[name]}" if notes and name in notes else name for name in names]
     fig = make_subplots(rows=1, cols=len(names), subplot_titles=titles, shared_yaxes=True, horizontal_spacing=0.04)
     angle = torch.linspace(0, 2 * torch.pi, 181)
     for col, name in enumerate(names, start=1):
