@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from utils import circuits, fourier, models, proofs, tasks, train
-from utils.checks.engine import (Attempt, Case, CheckFailed, Mistake, call_learner, check_case, compare,
-                                 compare_float, compare_tensors, copies, diagnosis, exercise, matches, passed)
-from utils.checks.fixtures import (changed_copy, fresh_model, noisy_addition, noisy_model, random_causal_pattern,
-                                   random_models, smooth_curves)
-from utils.tasks import IGNORE
+from utils import circuits, models, tasks
+from utils.checks.engine import Case, Mistake, exercise
+from utils.checks.fixtures import fresh_model
 
 def _bigram_model() -> list[Case]:
     """A freshly initialised bigram model with a non-zero unembedding bias."""
