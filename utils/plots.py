@@ -221,3 +221,53 @@ def share_against_need(need: Tensor, share: Tensor, right: Tensor, title: str) -
                       yaxis_title="attention the maximum gets", xaxis_range=[0, 1], yaxis_range=[0, 1.02],
                       width=620, height=480)
     return fig
+
+
+# ---- chapter 02
+def log_ratio_scatter(true: Tensor, estimates: dict[str, Tensor], title: str) -> go.Figure:
+    """Each estimate of a transition table against the true one: one point per (current, next) transition,
+    x = the true probability (log scale), y = log(estimated / true) in nats; above zero is made too likely.
+
+    `true` is [vocab (current), vocab (next)] probabilities; each estimate is the same shape in
+    log-probabilities (what a model's log_softmax gives).
+    """
+    current, following = torch.meshgrid(torch.arange(true.shape[0]), torch.arange(true.shape[1]), indexing="ij")
+    hover = [f"{int(c)} → {int(n)}" for c, n in zip(current.flatten(), following.flatten())]
+    fig = go.Figure()
+    for name, log_estimate in estimates.items():
+        ratio = log_estimate.detach() - true.log()
+        fig.add_trace(go.Scatter(x=_np(true.flatten()), y=_np(ratio.flatten()), mode="markers", name=name,
+                                 text=hover, hovertemplate="%{text}: true %{x:.2g}, log ratio %{y:.2f}",
+                                 marker=dict(size=6, opacity=0.7)))
+    fig.add_hline(y=0.0, line_dash="dash", line_color="grey")
+    fig.update_layout(**_LAYOUT, title=title, xaxis_title="true P(next | current) (log scale)",
+                      yaxis_title="log(estimated / true) (nats)", xaxis_type="log", width=680, height=400)
+    return fig
+
+
+# ---- chapter 03
+def eigenvalue_planes(eigenvalues: dict[str, Tensor | Sequence[Tensor]], title: str,
+                      notes: dict[str, str] | None = None) -> go.Figure:
+    """One panel per named circuit: its eigenvalues in the complex plane, each set divided by its largest |λ|,
+    with the unit circle; a panel given several sets (several heads) shows them all. `notes` (e.g. a
+    panel's copying score) go under the panel titles."""
+    from plotly.subplots import make_subplots
+
+    names = list(eigenvalues)
+    titles = [f"{name}<br>{notes[name]}" if notes and name in notes else name for name in names]
+    fig = make_subplots(rows=1, cols=len(names), subplot_titles=titles, shared_yaxes=True, horizontal_spacing=0.04)
+    angle = torch.linspace(0, 2 * torch.pi, 181)
+    for col, name in enumerate(names, start=1):
+        sets = eigenvalues[name]
+        sets = [sets] if isinstance(sets, Tensor) else list(sets)
+        scaled = torch.cat([(s.detach() / s.detach().abs().max()).flatten() for s in sets])
+        fig.add_trace(go.Scatter(x=_np(angle.cos()), y=_np(angle.sin()), mode="lines", showlegend=False,
+                                 line=dict(color="lightgrey", width=1), hoverinfo="skip"), row=1, col=col)
+        fig.add_trace(go.Scatter(x=_np(scaled.real), y=_np(scaled.imag), mode="markers", name=name, showlegend=False,
+                                 marker=dict(size=6, opacity=0.6), hovertemplate="%{x:.2f} + %{y:.2f}i"),
+                      row=1, col=col)
+        fig.update_xaxes(title_text="real part / largest |λ|", range=[-1.15, 1.15], row=1, col=col)
+    fig.update_yaxes(title_text="imaginary part / largest |λ|", range=[-1.15, 1.15], row=1, col=1)
+    fig.update_layout(**_LAYOUT, title=title, width=330 * len(names), height=400)
+    fig.update_layout(margin=dict(t=100))
+    return fig

@@ -65,6 +65,22 @@ def all_lists(length: int, vocab: int = MAX_OF_LIST_VOCAB) -> Tensor:
     return torch.stack([g.reshape(-1) for g in grids], dim=-1)
 
 
+def last_token_ceiling(length: int, vocab: int = MAX_OF_LIST_VOCAB) -> float:
+    """The share of all lists of `length` values that the best rule seeing only the last token answers right.
+
+    After a last token t the answer is t when the other length - 1 tokens are all <= t, and a larger
+    s when their maximum is exactly s; the best rule picks the likelier, and the shares are averaged
+    over t (every last token is equally likely).
+    """
+    v = torch.arange(vocab, dtype=torch.float64)
+    rest = length - 1
+    answer_is_t = ((v + 1) / vocab) ** rest  # [t]: the others are all <= t
+    answer_is_s = answer_is_t - (v / vocab) ** rest  # [s]: the others' maximum is exactly s
+    best_larger = torch.tensor([answer_is_s[t + 1:].max().item() if t + 1 < vocab else 0.0 for t in range(vocab)],
+                               dtype=torch.float64)
+    return torch.maximum(answer_is_t, best_larger).mean().item()
+
+
 # --------------------------------------------------------------------- addition
 def addition_pairs(max_sum: int = ADDITION_MAX) -> tuple[Tensor, Tensor]:
     """All pairs [a, b] with a + b <= max_sum and their targets, each [n_pairs, 2].

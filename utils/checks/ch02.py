@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from utils import circuits, fourier, models, proofs, tasks, train
-from utils.checks.engine import (Attempt, Case, CheckFailed, Mistake, call_learner, check_case, compare,
-                                 compare_float, compare_tensors, copies, diagnosis, exercise, matches, passed)
-from utils.checks.fixtures import (changed_copy, fresh_model, noisy_addition, noisy_model, random_causal_pattern,
-                                   random_models, smooth_curves)
-from utils.tasks import IGNORE
+from utils import circuits, models, tasks
+from utils.checks.engine import Case, Mistake, exercise
+from utils.checks.fixtures import fresh_model
 
 def _bigram_model() -> list[Case]:
     """A freshly initialised bigram model with a non-zero unembedding bias."""
@@ -127,6 +122,13 @@ def _boosts(model, tokens: Tensor, direct: Tensor | None = None, head: Tensor | 
             circuits.correct_logit_boost(right_head if head is None else head, answer))
 
 
+def _raw_correct_logits(model, tokens: Tensor) -> tuple[float, float]:
+    """Each term's mean logit for the right answer, not centred: the reference's boost plus the term's mean logit."""
+    answer = tokens.max(-1).values
+    return tuple(circuits.correct_logit_boost(term, answer) + term.mean().item()
+                 for term in circuits.logit_terms(model, tokens))
+
+
 def _boosts_against_the_mean_over_lists(model, tokens: Tensor) -> tuple[float, float]:
     answer = tokens.max(-1).values
     return tuple((x[torch.arange(len(x)), answer] - x.mean(0)[answer]).mean().item()
@@ -140,6 +142,11 @@ check_logit_boosts = exercise(
          "unembedded); for each, a list's boost is its logit for the list's maximum minus its mean logit over the "
          "vocabulary; average the boosts over the lists.",
     mistakes=(
+        Mistake("the raw logit of the right answer, not centred on the term's mean logit",
+                "a term that raises every logit by the same amount (the bias, a shared direction) helps no answer; "
+                "a logit attribution measures the right answer's logit against the same term's mean logit over "
+                "the vocabulary, on each list.",
+                _raw_correct_logits),
         Mistake("the direct path without W_pos",
                 "the position's embedding is in the residual stream too, and reaches the unembedding directly.",
                 lambda model, tokens: _boosts(model, tokens, direct=_without_w_pos(model, tokens))),

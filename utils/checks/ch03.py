@@ -94,8 +94,12 @@ check_copying_score = exercise(
 
 
 def _ordering_cases() -> list[Case]:
-    maps = [("an increasing map", torch.arange(5.0).repeat(3, 1)), ("a decreasing map", -torch.arange(5.0).repeat(3, 1)),
-            ("a random 7 x 9 map", torch.randn(7, 9)), ("a map with ties", torch.tensor([[0.0, 1.0, 1.0], [2.0, 0.0, 3.0]])),
+    # the first map rises in zigzags along its rows and unevenly down its columns: on it the reversed comparison,
+    # the map read by columns, a key compared with itself and neighbours only each give a value of their own
+    zigzag = torch.tensor([0.0, 2.0, 1.0, 3.0, 5.0, 4.0]) + torch.tensor([0.0, 20.0, 10.0])[:, None]
+    maps = [("a map rising in zigzags along its rows", zigzag),
+            ("an increasing map", torch.arange(5.0).repeat(3, 1)), ("a decreasing map", -torch.arange(5.0).repeat(3, 1)),
+            ("a map with ties", torch.tensor([[0.0, 1.0, 1.0], [2.0, 0.0, 3.0]])), ("a random 7 x 9 map", torch.randn(7, 9)),
             ("the token-only QK map of a fresh model", circuits.full_qk_tokens(fresh_model("max_of_list")).detach())]
     return [(f"on {where}", (scores,)) for where, scores in maps]
 
@@ -112,6 +116,9 @@ check_fraction_ordered = exercise(
         Mistake("each key compared with itself too",
                 "a key never beats itself, so the pairs b = c only dilute the share: take b < c.",
                 lambda s: circuits.fraction_ordered(s) * (s.shape[-1] - 1) / (s.shape[-1] + 1)),  # n more pairs, none won
+        Mistake("the comparison reversed (counting the pairs where the smaller key wins)",
+                "a row orders its keys when the larger key c scores strictly more than the smaller key b.",
+                lambda s: circuits.fraction_ordered(-s)),
         Mistake("the map read by columns",
                 "rows are query tokens and the comparisons run along a row, between key tokens.",
                 lambda s: circuits.fraction_ordered(s.T)),
