@@ -387,6 +387,23 @@ def dataset_batches(data: Callable[[], tuple[Tensor, Tensor]]) -> Callable[[int,
     return batches
 
 
+def weighted_batches(tokens: Tensor, targets: Tensor, weights: Tensor) -> Callable[[int, torch.Generator], Batches]:
+    """A `batches` factory (for train.train's `batches`) that draws rows of a fixed data set with these weights.
+
+    Rows are drawn with replacement, row i with probability weights[i] / weights.sum().
+    """
+    if weights.shape != (len(tokens),) or not (weights >= 0).all() or not weights.sum() > 0:
+        raise ValueError(f"weights must be {len(tokens)} non-negative numbers, not all zero; got shape "
+                         f"{tuple(weights.shape)}")
+
+    def batches(batch_size: int, generator: torch.Generator) -> Batches:
+        def sample() -> tuple[Tensor, Tensor]:
+            idx = torch.multinomial(weights.double(), batch_size, replacement=True, generator=generator)
+            return tokens[idx], targets[idx]
+        return sample
+    return batches
+
+
 def split_report(model: torch.nn.Module, data: tuple[Tensor, Tensor]) -> dict:
     """Accuracy on the fixed 80 % a split model trains on and on the held-out 20 % (tasks.split)."""
     trained_on, held_out = tasks.split(*data)

@@ -95,6 +95,17 @@ def addition_pairs(max_sum: int = ADDITION_MAX) -> tuple[Tensor, Tensor]:
     return tokens, targets
 
 
+def equal_sum_weights(pairs: Tensor) -> Tensor:
+    """Sampling weights for the rows of `pairs` [n, 2] under which every sum a + b present is equally likely, [n].
+
+    A pair's weight is 1 / (the number of rows with its sum), divided by the number of distinct sums, so the
+    weights add up to 1 and every sum gets the same total. The counts are those of `pairs`, not of every pair.
+    """
+    sums = pairs.sum(-1)
+    _, inverse, counts = sums.unique(return_inverse=True, return_counts=True)
+    return 1.0 / (counts[inverse].double() * len(counts))
+
+
 # --------------------------------------------------------------------- fibonacci
 def fibonacci_sequence(x0: int, x1: int, length: int) -> list[int]:
     """The sequence x0, x1, x0 + x1, ... with `length` elements."""

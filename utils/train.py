@@ -96,6 +96,8 @@ def train(
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
     stop_at_target: bool = False,
+    step: Callable[..., float] | None = None,
+    batches: Callable[[int, torch.Generator], Callable[[], tuple[Tensor, Tensor]]] | None = None,
 ) -> list[float]:
     """Train `model` on task `name` in place with AdamW; returns the loss at every step.
 
@@ -104,14 +106,16 @@ def train(
     With `stop_at_target`, the model is evaluated every `recipe.check_every` steps,
     training stops at the first evaluation that meets the model's target, and it may run
     `recipe.extra_steps` beyond `recipe.steps` (at the final learning rate) to get there.
+    `step(model, optimizer, tokens, targets) -> float` replaces the task's training step (chapter 01 passes
+    the learner's), and `batches(batch_size, generator)` the task's batch factory (e.g. models.weighted_batches).
     """
     from tqdm.auto import tqdm
 
     spec = models.spec(name)
     recipe = recipe or spec.recipe
     generator = torch.Generator().manual_seed(seed)
-    next_batch = spec.batches(recipe.batch_size, generator)
-    step_fn = step_function(name)
+    next_batch = (batches or spec.batches)(recipe.batch_size, generator)
+    step_fn = step or step_function(name)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     model.train()

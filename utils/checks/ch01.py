@@ -310,3 +310,38 @@ check_accuracy_by_sum = exercise(
     ))
 
 
+
+
+def _weighting_cases() -> list[Case]:
+    """Every pair of a small max_sum, the split's 80 % of the addition pairs, and a random third of them."""
+    pairs, targets = tasks.addition_pairs()
+    some = pairs[torch.randperm(len(pairs))[: len(pairs) // 3]]
+    return [(f"on every pair with a + b <= {m}", (tasks.addition_pairs(m)[0],)) for m in (int(torch.randint(5, 12, ())),)] + [
+        (f"on the {len(tasks.split(pairs, targets)[0][0]):,} pairs addition_split trains on", (tasks.split(pairs, targets)[0][0],)),
+        (f"on a random {len(some):,} of the addition pairs", (some,)),
+    ]
+
+
+def _normalised(weights: Tensor) -> Tensor:
+    return weights / weights.sum()
+
+
+check_equal_sum_weights = exercise(
+    "1.7", "answers equally often: frequent or easy?", tasks.equal_sum_weights, function="equal_sum_weights",
+    kind="implementation", cases=_weighting_cases, atol=1e-8, rtol=1e-4,
+    hint="count how many of the given pairs have each sum; a pair's weight is the inverse of its sum's count, and "
+         "the weights are then scaled to add up to 1, so that every sum present gets the same total.",
+    mistakes=(
+        Mistake("weights proportional to how many pairs share the sum",
+                "that is the natural frequency the experiment is meant to undo: a pair of a common sum must weigh less.",
+                lambda pairs: _normalised(1.0 / tasks.equal_sum_weights(pairs))),
+        Mistake("the inverse counts, not scaled to add up to 1",
+                "divide by the total so that the weights are a probability for each pair.",
+                lambda pairs: tasks.equal_sum_weights(pairs) * len(pairs.sum(-1).unique())),
+        Mistake("s + 1 pairs assumed for every sum s",
+                "that holds only for the full set of pairs; count the sums of the pairs you are given.",
+                lambda pairs: _normalised(1.0 / (pairs.sum(-1).double() + 1))),
+        Mistake("the same weight for every pair",
+                "uniform weights reproduce the natural frequencies of the sums; weigh each pair by its sum's rarity.",
+                lambda pairs: torch.full((len(pairs),), 1.0 / len(pairs), dtype=torch.float64)),
+    ))
