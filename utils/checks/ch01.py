@@ -327,8 +327,8 @@ def _normalised(weights: Tensor) -> Tensor:
 
 
 check_equal_sum_weights = exercise(
-    "1.7", "answers equally often: frequent or easy?", tasks.equal_sum_weights, function="equal_sum_weights",
-    kind="implementation", cases=_weighting_cases, atol=1e-8, rtol=1e-4,
+    "1.7", "every sum equally often", tasks.equal_sum_weights, function="equal_sum_weights",
+    kind="analysis", cases=_weighting_cases, atol=1e-8, rtol=1e-4,
     hint="count how many of the given pairs have each sum; a pair's weight is the inverse of its sum's count, and "
          "the weights are then scaled to add up to 1, so that every sum present gets the same total.",
     mistakes=(
