@@ -37,6 +37,11 @@ def uniform(pairs):
     return torch.ones(len(pairs)) / len(pairs)
 
 
+def per_sum(pairs):
+    counts = torch.bincount(pairs.sum(-1)).float()
+    return (counts > 0).float() / (counts > 0).sum()
+
+
 def test_a_float32_answer_written_by_hand_passes():
     assert checks.check_equal_sum_weights(right) is right
 
@@ -46,6 +51,7 @@ def test_a_float32_answer_written_by_hand_passes():
     (unscaled, "not scaled to add up to 1"),
     (full_set_counts, "s + 1 pairs assumed"),
     (uniform, "the same weight for every pair"),
+    (per_sum, "one weight per sum, not one per pair"),
 ])
 def test_each_wrong_weighting_is_named(fn, named):
     with pytest.raises(CheckFailed) as failure:

@@ -344,4 +344,7 @@ check_equal_sum_weights = exercise(
         Mistake("the same weight for every pair",
                 "uniform weights reproduce the natural frequencies of the sums; weigh each pair by its sum's rarity.",
                 lambda pairs: torch.full((len(pairs),), 1.0 / len(pairs), dtype=torch.float64)),
+        Mistake("one weight per sum, not one per pair",
+                "the batches draw pairs, so every pair needs its own weight: its sum's share divided among that sum's pairs.",
+                lambda pairs: torch.bincount(pairs.sum(-1), weights=tasks.equal_sum_weights(pairs).double())),
     ))
