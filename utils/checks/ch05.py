@@ -179,7 +179,9 @@ def _group_cases() -> list[Case]:
     diffs = torch.arange(64)[:, None] - torch.arange(64)[None, :]
     wave = 1.0 + torch.cos(2 * torch.pi * diffs / 64) + 0.02 * diffs + 0.2 * torch.randn(64, 64)
     return [("on 12 random groups", (values, groups)), ("on one large group and 20 single ones", (skewed, uneven)),
-            ("on a wave of a - b grouped mod 64", (wave, diffs % 64))]
+            ("on a wave of a - b grouped mod 64", (wave, diffs % 64)),
+            ("on the same wave grouped by a - b itself, labels from -63 to 63 (the chapter's a + b - c labels are "
+             "negative too)", (wave, diffs))]
 
 
 check_explained_by_groups = exercise(
