@@ -124,11 +124,13 @@ def test_notebook_runner_reads_what_the_kernel_still_holds_after_the_last_cell(t
     nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(fill)]), held)
     nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(fill + "\ndel block")]), freed)
 
+    # the time target is not what this test is about, and a loaded CI machine can take long to start a kernel
+    monkeypatch.setattr(bench, "NOTEBOOK_TARGET_SECONDS", 600.0)
     kept, released = bench.run_notebook(held, timeout=60), bench.run_notebook(freed, timeout=60)
-    assert kept["passed"] and released["passed"]
+    assert kept["passed"] and released["passed"], (kept, released)
     assert kept["final_rss"] - released["final_rss"] > 0.8 * big  # held memory counts, freed does not
     assert released["peak_rss"] - released["final_rss"] > 0.8 * big  # ... though the peak saw it
-    assert kept["ok"]
+    assert kept["ok"], kept
 
     monkeypatch.setattr(bench, "NOTEBOOK_TARGET_FINAL_RSS", big // 2)  # below what `held` keeps
     again = bench.run_notebook(held, timeout=60)
