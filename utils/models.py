@@ -437,6 +437,10 @@ _TOY = dict(n_heads=1, normalization_type=None)
 _ADDER = dict(d_model=128, d_head=128, n_layers=1, d_vocab=tasks.ADDITION_MAX + 1, d_mlp=128, act_fn="relu",
               init_mode="xavier_normal", **_TOY)
 _ADDITION = dict(_ADDER, n_ctx=2)
+_MAX_OF_LIST = dict(d_model=32, d_head=32, n_layers=1, n_ctx=6, d_vocab=tasks.MAX_OF_LIST_VOCAB, attn_only=True, **_TOY)
+_MAX_OF_LIST_RECIPE = Recipe(steps=1200, lr=3e-3, batch_size=1024, weight_decay=0.01, warmup=100)
+# chapter 09 retrains max_of_list with narrower residual streams (the shipped model has 32 dimensions)
+WIDTHS = (2, 4, 8, 16)
 _FIBONACCI = dict(_ADDER, n_ctx=tasks.FIBONACCI_LENGTH)
 # addition: full-batch at lr 1e-3 oscillates; minibatches, a larger lr, xavier init and a
 # cosine decay reach 100 % on all 8,256 pairs for most seeds. Seed 3 ended 1,600 steps with 2 pairs of
@@ -464,13 +468,19 @@ SPECS: dict[str, ModelSpec] = {spec.name: spec for spec in [
         summary=lambda report: f"KL {report['kl']:.4f} nats"),
     ModelSpec(
         "max_of_list", "running max of lists of 0-63, lengths 2-6",
-        dict(d_model=32, d_head=32, n_layers=1, n_ctx=6, d_vocab=tasks.MAX_OF_LIST_VOCAB, attn_only=True, **_TOY),
-        Recipe(steps=1200, lr=3e-3, batch_size=1024, weight_decay=0.01, warmup=100),
+        _MAX_OF_LIST, _MAX_OF_LIST_RECIPE,
         lambda batch_size, g: lambda: tasks.max_of_list_batch(batch_size, generator=g),
         _max_of_list_report,
         lambda report: report["min_accuracy"] >= MAX_OF_LIST_TARGET,
         f">= {MAX_OF_LIST_TARGET:.1%} at every length",
         summary=lambda report: f"min acc {report['min_accuracy']:.4f}", bench_seconds=20.0),
+    *[ModelSpec(
+        f"max_of_list_d{width}", f"max_of_list with a {width}-dimensional residual stream (chapter 09's width sweep)",
+        dict(_MAX_OF_LIST, d_model=width, d_head=width), _MAX_OF_LIST_RECIPE,
+        lambda batch_size, g: lambda: tasks.max_of_list_batch(batch_size, generator=g),
+        _max_of_list_report, lambda report: True, "none: its accuracy at every length is what chapter 09 measures",
+        summary=lambda report: f"min acc {report['min_accuracy']:.4f}", timed=False)
+      for width in WIDTHS],
     ModelSpec(
         "addition", "[a, b] -> a + b, a + b <= 127", _ADDITION, _ADDITION_RECIPE,
         dataset_batches(tasks.addition_pairs),

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformer_lens import FactoredMatrix
 
-from utils import circuits, fourier, models, proofs, residual_paths, tasks, train
+from utils import circuits, fourier, models, proofs, residual_paths, superposition, tasks, train
 
 # every tampering message carries this phrase; the grader scores later exercises 0 after it
 UNTRUSTED = "cannot be trusted"
@@ -41,7 +41,7 @@ _STATE: dict[str, Any] = {"originals": {}, "untrusted": None, "modules": ()}
 
 def _guarded_modules() -> tuple:
     checkers = tuple(module for name, module in sorted(sys.modules.items()) if name.startswith("utils.checks"))
-    return checkers + (circuits, fourier, models, proofs, residual_paths, tasks, train, torch, torch.linalg, torch.fft, F, math, builtins)
+    return checkers + (circuits, fourier, models, proofs, residual_paths, superposition, tasks, train, torch, torch.linalg, torch.fft, F, math, builtins)
 
 
 def course_names(namespace: dict) -> dict[str, Any]:
