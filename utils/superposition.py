@@ -23,8 +23,8 @@ def best_rank_r(matrix: Tensor, r: int) -> Tensor:
     return (U[:, :r] * S[:r]) @ Vh[:r]
 
 
-def accuracy_with_ov(model, lists: Tensor, ov: Tensor) -> float:
-    """Running-max accuracy (positions 1 on) of a one-layer attention-only max_of_list model whose token-to-logit
+def accuracy_with_ov(model, lists: Tensor, ov: Tensor, scored: slice = slice(1, None)) -> float:
+    """Running-max accuracy (on the positions `scored`: 1 on, as every position after the first is a task) of a one-layer attention-only max_of_list model whose token-to-logit
     OV circuit (`circuits.full_ov`, [vocab, vocab]) is replaced by `ov`.
 
     Exact: the pattern does not depend on the OV circuit, and each attended token adds its OV row to the logits
@@ -35,7 +35,7 @@ def accuracy_with_ov(model, lists: Tensor, ov: Tensor) -> float:
         change = (ov - circuits.full_ov(model).AB)[lists]  # [batch, key, vocab]
         logits = logits + cache["blocks.0.attn.hook_pattern"][:, 0] @ change
     targets = tasks.max_of_list_targets(lists)
-    return (logits.argmax(-1) == targets)[:, 1:].float().mean().item()
+    return (logits.argmax(-1) == targets)[:, scored].float().mean().item()
 
 
 def accuracy_with_rank_r_ov(model, lists: Tensor, r: int) -> float:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from utils import checks
 from utils.checks import engine
 from utils import circuits as _circuits, fourier as _fourier, models as _models, tasks as _tasks, train as _train
-from utils import proofs as _proofs, residual_paths as _residual_paths
+from utils import proofs as _proofs, residual_paths as _residual_paths, superposition as _superposition
 from utils.checks import CheckFailed
 
 
@@ -44,14 +44,15 @@ class _Unwatched(types.SimpleNamespace):
 
 
 circuits, fourier, models, tasks, train = map(_Unwatched, (_circuits, _fourier, _models, _tasks, _train))
-proofs, residual_paths = _Unwatched(_proofs), _Unwatched(_residual_paths)
+proofs, residual_paths, superposition = map(_Unwatched, (_proofs, _residual_paths, _superposition))
 
 IGNORE = tasks.IGNORE
 NAN = float("nan")
 
 _UNWATCHED = {module.__name__: copy for module, copy in [(_circuits, circuits), (_fourier, fourier), (_models, models),
                                                            (_tasks, tasks), (_train, train), (_proofs, proofs),
-                                                           (_residual_paths, residual_paths)]}
+                                                           (_residual_paths, residual_paths),
+                                                           (_superposition, superposition)]}
 # references that are not the spec's own: full_ov returns a FactoredMatrix, the learner returns a tensor; the
 # one-layer path expansion is defined below
 _OTHER_REFERENCES = {"full_ov_circuit": lambda model: model.W_E @ model.W_V[0, 0] @ model.W_O[0, 0] @ model.W_U,
@@ -908,7 +909,7 @@ def test_no_checker_function_copies_a_function_of_the_course(chapter):
 
     root = Path(checks.__file__).parent.parent
     ours = {}
-    for module in ("circuits", "fourier", "models", "proofs", "residual_paths", "tasks", "train"):
+    for module in ("circuits", "fourier", "models", "proofs", "residual_paths", "superposition", "tasks", "train"):
         ours.update(_functions(root / f"{module}.py"))
     course_functions = {name.split(":")[1] for name in ours}
     copies = []

@@ -69,6 +69,9 @@ check_accuracy_with_ov_replaced = exercise(
                 "the new map replaces the head's token-to-logit contribution: take the old rows away as you add the "
                 "new ones.",
                 lambda model, lists, ov: superposition.accuracy_with_ov(model, lists, ov + circuits.full_ov(model).AB)),
+        Mistake("only the last position scored",
+                "every position after the first asks for the running maximum of the list so far: score them all.",
+                lambda model, lists, ov: superposition.accuracy_with_ov(model, lists, ov, scored=slice(-1, None))),
     ))
 
 
