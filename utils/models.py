@@ -429,7 +429,7 @@ def _induction_meets_target(report: dict) -> bool:
             and report["accuracy"] >= INDUCTION_ACCURACY_TARGET)
 
 
-def _split_summary(report: dict) -> str:
+def split_summary(report: dict) -> str:
     return f"acc {report['accuracy']:.5f} on the 80 %, held-out {report['held_out_accuracy']:.4f}"
 
 
@@ -490,7 +490,7 @@ SPECS: dict[str, ModelSpec] = {spec.name: spec for spec in [
         "addition_split", "addition, trained on a fixed 80 % of the pairs", _ADDITION, _ADDITION_RECIPE,
         dataset_batches(lambda: tasks.split(*tasks.addition_pairs())[0]),
         lambda model: split_report(model, tasks.addition_pairs()),
-        _all_right, "100 % of the pairs it trains on; held-out accuracy reported", summary=_split_summary, timed=False),
+        _all_right, "100 % of the pairs it trains on; held-out accuracy reported", summary=split_summary, timed=False),
     ModelSpec(
         "fibonacci", "any Fibonacci sequence of 2-5 values <= 127 -> next element", _FIBONACCI, _FIBONACCI_RECIPE,
         dataset_batches(tasks.fibonacci_sequences),
@@ -500,7 +500,7 @@ SPECS: dict[str, ModelSpec] = {spec.name: spec for spec in [
         "fibonacci_split", "Fibonacci, trained on a fixed 80 % of the start pairs", _FIBONACCI, _FIBONACCI_RECIPE,
         dataset_batches(lambda: tasks.split(*tasks.fibonacci_sequences())[0]),
         lambda model: split_report(model, tasks.fibonacci_sequences()),
-        _all_right, "100 % of the targets it trains on; held-out accuracy reported", summary=_split_summary,
+        _all_right, "100 % of the targets it trains on; held-out accuracy reported", summary=split_summary,
         padded=True, timed=False),
     ModelSpec(
         "induction", "random tokens with a stretch repeated; predict the repeat",
