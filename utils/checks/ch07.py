@@ -153,6 +153,12 @@ check_patch_key_path = exercise(
                 "the other layer-1 heads keep their clean keys: the path ends in the target heads.",
                 lambda model, tokens, corrupted, sources, targets: residual_paths.patch_key_path(
                     model, tokens, corrupted, sources, list(range(model.cfg.n_heads)))),
+        Mistake("the change the wrong way round (clean minus corrupted)",
+                "the patch replaces the clean output by the corrupted one, so the key changes by the corrupted "
+                "output minus the clean one; the other order moves the key as far the other way.",
+                lambda model, tokens, corrupted, sources, targets: model.run_with_hooks(tokens, fwd_hooks=[
+                    residual_paths.path_patch_hook(model, residual_paths.layer0_output(model, tokens, sources)
+                                                   - residual_paths.layer0_output(model, corrupted, sources), targets)])),
         Mistake("the layer-0 output removed from the keys (zero-ablated) instead of replaced",
                 "a patch swaps the clean output for the output on the corrupted tokens, so the key still gets a "
                 "previous-token signal of the usual size, only the wrong one.",
