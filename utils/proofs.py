@@ -265,6 +265,12 @@ def enumerated_certified(largest_other: Tensor, n: int) -> Tensor:
     return lists[others <= largest_other[last, maximum]]
 
 
+def largest_certified(ok: Tensor) -> Tensor:
+    """From ok[t, m, lo + 1] (whether the cell of last token t, maximum m and other tokens <= lo is certified, lo
+    from -1), the largest lo per (t, m) whose cells at and below it are all certified, [t, m]; -2 where none is."""
+    return torch.stack([_largest_certified(ok[t], t) for t in range(ok.shape[0])])
+
+
 def _largest_certified(ok: Tensor, t: int) -> Tensor:
     """From ok[m, lo + 1] (cell certified, lo from -1), the largest lo whose cells at and below are all
     certified, [m]; -2 where none is. For t != m only lo >= t is a cell."""
@@ -399,7 +405,7 @@ def worst_case_bound(model, n: int, rounding: bool = True) -> dict:
     tables = margin_tables(pieces)
     ok = torch.stack([least_margin_of_pieces(pieces, lo, least_attention_of_pieces(pieces, lo, error), margin_allowance, tables) > 0
                       for lo in range(-1, vocab)], -1)  # [t, m, lo + 1]
-    largest = torch.stack([_largest_certified(ok[t], t) for t in range(vocab)])
+    largest = largest_certified(ok)
     return {"accuracy": certified_count(largest, n) / vocab**n, "largest_other": largest,
             "seconds": time.perf_counter() - start}
 
