@@ -33,6 +33,7 @@ def _direct_and_head(model, tokens: Tensor, pattern: Tensor) -> tuple[Tensor, Te
 
 
 @exercise("7.1", "the path expansion of a one-layer model", residual_paths.one_layer_path_logits, kind="implementation",
+          replacement=_direct_and_head,  # the course's paths as the exercise returns them: a tuple, not a dict
           hint="each path starts from the residual stream's input at every position (token and position); the head "
                "mixes the value vectors of the key positions with the pattern's rows, then writes and unembeds; "
                "return the two paths as a tuple, direct first.",
