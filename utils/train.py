@@ -164,12 +164,24 @@ def train_checkpoint(name: str, seed: int = 0, out: str | None = None, progress:
     torch.manual_seed(seed)
     model = models.build_model(name, seed=seed)
     recipe = models.spec(name).recipe
+    spec, reached = models.spec(name), []
+
+    def note_milestone(step: int, _loss: float) -> None:  # the first check at which the milestone holds
+        if not reached and (step + 1) % spec.milestone_every == 0:
+            model.eval()
+            if spec.milestone(spec.evaluate(model)):
+                reached.append(step + 1)
+            model.train()
+
     start = time.perf_counter()
-    losses = train(model, name, recipe, seed=seed, progress=progress, stop_at_target=True)
+    losses = train(model, name, recipe, seed=seed, progress=progress, stop_at_target=True,
+                   on_step=note_milestone if spec.milestone else None)
     seconds = time.perf_counter() - start
     report = models.evaluate(model, name)
     training = {"seed": seed, "recipe": asdict(recipe), "steps_run": len(losses), "seconds": round(seconds, 1),
                 "report": report, "meets_target": models.meets_target(name, report), "versions": versions()}
+    if spec.milestone:  # seconds include the milestone's evaluations
+        training["steps_to_milestone"] = reached[0] if reached else None
     config = dict(models.spec(name).config, seed=seed)
     path = models.save_checkpoint(model, name, config, training, out or models.MODELS_DIR)
     return report, path
