@@ -381,7 +381,10 @@ def _hwm_bytes(pid: int) -> int:
 
 
 class _ChildMemoryMonitor(threading.Thread):
-    """Polls the RSS of all this process's descendants (the kernel and its children).
+    """Polls the RSS of this process's descendants started after it (the kernel and its children).
+
+    Descendants alive before the monitor started (a test runner's leftover kernel, a grader's
+    subprocess) are not the notebook's and are left out.
 
     The peak is the largest sampled sum, or the largest per-process VmHWM (Linux's exact
     high-water mark, which catches spikes between samples), whichever is larger.
@@ -397,6 +400,13 @@ class _ChildMemoryMonitor(threading.Thread):
         self.peak_sum = 0
         self.peak_hwm = 0
         self._stop_event = threading.Event()
+        self._before = self._descendant_pids()
+
+    def _descendant_pids(self) -> set[int]:
+        try:
+            return {proc.pid for proc in self._psutil.Process().children(recursive=True)}
+        except self._psutil.Error:
+            return set()
 
     def sample(self) -> int:
         """The summed RSS of the descendants now (0 if none could be read); updates the peak."""
@@ -407,6 +417,8 @@ class _ChildMemoryMonitor(threading.Thread):
         except psutil.Error:
             return 0
         for proc in procs:
+            if proc.pid in self._before:
+                continue
             try:
                 total += proc.memory_info().rss
             except psutil.Error:
