@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from transformer_lens import TransformerBridge, TransformerBridgeConfig
 
-from utils import tasks
+from utils import mysteries, tasks
 
 ROOT = Path(__file__).resolve().parent.parent
 # CIRCUITS_MODELS_DIR points the course at another set of checkpoints (make test-seeds
@@ -510,6 +510,30 @@ SPECS: dict[str, ModelSpec] = {spec.name: spec for spec in [
         lambda model: split_report(model, tasks.fibonacci_sequences()),
         _all_right, "100 % of the targets it trains on; held-out accuracy reported", summary=split_summary,
         padded=True, timed=False),
+    # chapter 10's mystery models (utils/mysteries.py holds their tasks)
+    ModelSpec(
+        "mystery_a", "chapter 10's first mystery model",
+        dict(d_model=32, d_head=32, n_layers=1, n_ctx=mysteries.LENGTH_A, d_vocab=mysteries.VOCAB_A, attn_only=True,
+             **_TOY),
+        Recipe(steps=400, lr=3e-3, batch_size=512, weight_decay=0.01, warmup=50),
+        lambda batch_size, g: lambda: mysteries.mystery_a_batch(batch_size, generator=g),
+        lambda model: {"accuracy": accuracy(model, *mysteries.mystery_a_batch(20_000, torch.Generator().manual_seed(1234)))},
+        _all_right, "100 % of 20,000 fresh lists", timed=False),
+    ModelSpec(
+        "mystery_b", "chapter 10's second mystery model",
+        dict(d_model=64, d_head=64, n_layers=1, n_ctx=2 * mysteries.SORT_LENGTH, d_vocab=mysteries.SORT_VOCAB + 1,
+             attn_only=True, **_TOY),
+        Recipe(steps=1500, lr=3e-3, batch_size=512, weight_decay=0.01, warmup=100, check_every=250, extra_steps=1500),
+        lambda batch_size, g: lambda: mysteries.mystery_b_batch(batch_size, generator=g),
+        lambda model: {"accuracy": accuracy(model, *mysteries.mystery_b_batch(20_000, torch.Generator().manual_seed(1234)))},
+        lambda report: report["accuracy"] >= 0.999, ">= 99.9 % of the predictions on 20,000 fresh lists", timed=False),
+    ModelSpec(
+        "mystery_c", "chapter 10's third mystery model",
+        dict(_ADDER, d_model=64, d_head=64, n_ctx=2, d_vocab=mysteries.VOCAB_C),
+        Recipe(steps=1500, lr=1e-2, batch_size=512, weight_decay=0.01, warmup=100, check_every=1500, extra_steps=1500),
+        dataset_batches(mysteries.mystery_c_data),
+        lambda model: {"accuracy": accuracy(model, *mysteries.mystery_c_data())},
+        _all_right, "100 % of the 4,096 pairs", timed=False),
     ModelSpec(
         "induction", "random tokens with a stretch repeated; predict the repeat",
         dict(d_model=64, d_head=32, n_heads=2, n_layers=2, n_ctx=tasks.INDUCTION_SEQ, d_vocab=tasks.INDUCTION_VOCAB,
