@@ -22,9 +22,9 @@ from utils.checks import guard
 from utils.checks.engine import (EXERCISES, STRICT_ENV, Attempt, CheckFailed, ExerciseSpec, Mistake,
                                  mistakes_catalogue, strict)
 from utils.checks.guard import UNTRUSTED
-from utils.checks import ch00, ch01, ch02, ch03, ch04, ch05, ch06, ch07, ch08, ch09  # noqa: E402  (registers the specs)
+from utils.checks import ch00, ch01, ch02, ch03, ch04, ch05, ch06, ch07, ch08, ch09, ch10  # noqa: E402  (registers the specs)
 
-CHAPTER_MODULES = (ch00, ch01, ch02, ch03, ch04, ch05, ch06, ch07, ch08, ch09)
+CHAPTER_MODULES = (ch00, ch01, ch02, ch03, ch04, ch05, ch06, ch07, ch08, ch09, ch10)
 # every checker as checks.check_<function>, the name the notebooks call
 globals().update({spec.check.__name__: spec.check for spec in EXERCISES.values()})
 
