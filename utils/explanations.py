@@ -45,6 +45,7 @@ class _NoWeights(TorchFunctionMode):
 
     def __init__(self, weights: list[Tensor]):
         super().__init__()
+        self.refusal: ExplanationRefused | None = None
         self.storages = {_storage(w) for w in weights}
         self.by_shape: dict[tuple, list[Tensor]] = {}
         for w in weights:
@@ -56,9 +57,13 @@ class _NoWeights(TorchFunctionMode):
         for value in tree_flatten((args, kwargs))[0]:
             if isinstance(value, Tensor) and (_storage(value) in self.storages or any(
                     torch.equal(value, w) for w in self.by_shape.get(tuple(value.shape), ()))):
-                raise ExplanationRefused("it read the model's weights: an explanation predicts from the tokens "
-                                         "alone, as a rule you could say in a sentence")
+                self.refuse("it read the model's weights: an explanation predicts from the tokens alone, as a rule "
+                            "you could say in a sentence")
         return func(*args, **kwargs)
+
+    def refuse(self, why: str) -> None:
+        self.refusal = self.refusal or ExplanationRefused(why)
+        raise self.refusal
 
 
 def _storage(tensor: Tensor) -> int:
@@ -68,19 +73,23 @@ def _storage(tensor: Tensor) -> int:
         return -1
 
 
-def _refuse_forward(module, args):
-    raise ExplanationRefused("it ran the model: an explanation predicts from the tokens alone, it does not copy "
-                             "what the model does")
-
-
 @contextlib.contextmanager
 def without_the_model(model: torch.nn.Module):
-    """While this is open, running any module, or reading `model`'s weights (or a copy of them), raises ExplanationRefused."""
-    weights = list(model.parameters()) + list(model.buffers())
-    handle = torch.nn.modules.module.register_module_forward_pre_hook(_refuse_forward)
+    """While open, running any module, or reading `model`'s weights (or a copy of them), raises ExplanationRefused.
+
+    Yields a watch whose ``refusal`` is the first refusal raised inside (None if none), so that a caller
+    whose own code turned the exception into another can still tell why.
+    """
+    watch = _NoWeights(list(model.parameters()) + list(model.buffers()))
+
+    def refuse_forward(module, args):
+        watch.refuse("it ran the model: an explanation predicts from the tokens alone, it does not copy what the "
+                     "model does")
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(refuse_forward)
     try:
-        with _NoWeights(weights):
-            yield
+        with watch:
+            yield watch
     finally:
         handle.remove()
 

@@ -19,7 +19,7 @@ from utils.tooling import notebooks
 from utils.checks import CheckFailed
 
 ROOT = Path(__file__).resolve().parents[2]
-STANDARD = {0: 5, 1: 5, 2: 4, 3: 5, 4: 5, 5: 5, 6: 5, 7: 5, 8: 5}  # chapter -> least number of exercises; at least half of them analysis
+STANDARD = {0: 5, 1: 5, 2: 4, 3: 5, 4: 5, 5: 5, 6: 5, 7: 5, 8: 5, 10: 6}  # chapter -> least number of exercises; at least half of them analysis
 HEADING = re.compile(r"^### Exercise (\d+)\.(\d+) — (.+?)\s*$", re.MULTILINE)
 FOLD = re.compile(r"<details><summary>(.*?)</summary>(.*?)</details>", re.DOTALL)
 

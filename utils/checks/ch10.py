@@ -100,8 +100,7 @@ def _behaviour(name: str, kinds: Callable) -> Callable:
                               f"{_inputs(name)} (at least {AGREEMENT:.0%} needed); "
                               f"{_where_it_disagrees(tokens, got, expected, kinds)}. "
                               + (named or f"Hint: {attempt.hint}"))
-        passed(attempt)
-        print(f"  Your rule gives the model's answer on {agreement:.2%} of {_inputs(name)}.")
+        passed(attempt, f"Your rule gives the model's answer on {agreement:.2%} of {_inputs(name)}.")
     return check
 
 
@@ -111,12 +110,16 @@ def _refused(attempt: Attempt, err: Exception) -> CheckFailed:
 
 def _explained(fn: Callable, model, tokens: Tensor, attempt: Attempt) -> Tensor:
     """The learner's explanation on `tokens`, run where it cannot touch the model."""
-    def predict(t: Tensor) -> Tensor:
+    with explanations.without_the_model(model) as watch:
         try:
-            return explanations.explanation_output(fn, model, t)
-        except explanations.ExplanationRefused as err:
-            raise _refused(attempt, err) from None
-    return call_learner(predict, attempt, tokens)
+            out = call_learner(fn, attempt, tokens.clone())
+        except CheckFailed:
+            if watch.refusal is not None:
+                raise _refused(attempt, watch.refusal) from None
+            raise
+    if not isinstance(out, Tensor):
+        raise CheckFailed(f"{attempt}: your function returned a {type(out).__name__}, not a tensor. Hint: {attempt.hint}")
+    return out.detach()
 
 
 def _verdict(report: dict, attempt: Attempt, nulls: tuple[str, str], got: Tensor, tokens: Tensor) -> None:
@@ -130,8 +133,7 @@ def _verdict(report: dict, attempt: Attempt, nulls: tuple[str, str], got: Tensor
             f"right (its own: {model['accuracy']:.1%}) and recovers {ours['recovered']:.2f} of the loss (at least "
             f"{explanations.PASS_RECOVERED} and within {explanations.PASS_ACCURACY_DROP:.0%} of the model's accuracy "
             f"needed). The nulls: {print_report.split('; ', 1)[1]}. " + (named or f"Hint: {attempt.hint}"))
-    passed(attempt)
-    print(f"  Put in the model's place — {print_report}.")
+    passed(attempt, f"Put in the model's place — {print_report}.")
 
 
 def _pattern_check(name: str) -> Callable:
@@ -187,6 +189,8 @@ check_what_it_computes_a = exercise(
                 lambda t: t.gather(1, (t[:, -1:] - 1) % (t.shape[1] - 1)).squeeze(1)),
         Mistake("the last token itself", "the answer is one of the earlier tokens; the last one decides which.",
                 lambda t: t[:, -1]),
+        Mistake("positions counted from the end", "the last token counts from the start of the input.",
+                lambda t: t.gather(1, t.shape[1] - 2 - t[:, -1:]).squeeze(1)),
     ))(_behaviour("mystery_a", _by_pointer))
 
 check_explanation_a = exercise(
@@ -199,6 +203,8 @@ check_explanation_a = exercise(
                 _pattern_of("mystery_a", lambda t: (t[:, -1:] + 1).clamp(max=t.shape[1] - 1))),
         Mistake("the key whose token is largest", "that is chapter 03's model; this head's key side is about positions.",
                 _pattern_of("mystery_a", lambda t: t[:, :-1].argmax(1, keepdim=True))),
+        Mistake("positions counted from the end", "the diagonal of the QK picture runs from the first position.",
+                _pattern_of("mystery_a", lambda t: t.shape[1] - 2 - t[:, -1:])),
     ))(_pattern_check("mystery_a"))
 
 # ---------------------------------------------------------------------------------------- mystery b
@@ -209,6 +215,8 @@ check_what_it_computes_b = exercise(
     mistakes=(
         Mistake("largest first", "read the model's first answer again: it is the smallest of the list.",
                 lambda t: mysteries.sorted_values(t).flip(-1)),
+        Mistake("the list as it came, unsorted", "line the answers up against the list again: they come out in "
+                "another order.", lambda t: t[:, :mysteries.SORT_LENGTH]),
         Mistake("each position's own token (the answer one step too late)",
                 "the model at a position predicts the token that comes next, not the one it sits on.",
                 lambda t: t[:, mysteries.READ["mystery_b"]]),
@@ -245,6 +253,8 @@ check_what_it_computes_c = exercise(
         Mistake("the difference with its sign", "read the answers where the first token is the smaller: they are "
                 "not negative.", lambda t: t[:, 0] - t[:, 1]),
         Mistake("the sum", "the answer is 0 whenever the two tokens are equal.", lambda t: t.sum(1)),
+        Mistake("the larger token", "the answer is 0 whenever the two tokens are equal, however large they are.",
+                lambda t: t.max(1).values),
     ))(_behaviour("mystery_c", _by_order))
 
 check_mlp_key_c = exercise(

@@ -353,8 +353,9 @@ def fail(attempt: Attempt, problem: str, got: Any = None, inputs: tuple | None =
     raise CheckFailed(f"{attempt}: {problem}. " + (named if named else f"Hint: {attempt.hint}"))
 
 
-def passed(attempt: Attempt) -> None:
-    print(f"✓ {attempt.spec.label}: all checks passed.")
+def passed(attempt: Attempt, detail: str = "") -> None:
+    """The one line a passing check prints: "all checks passed.", and what it measured if it says."""
+    print(f"✓ {attempt.spec.label}: all checks passed." + (f" {detail}" if detail else ""))
 
 
 def compare_tensors(got: Any, expected: Tensor, attempt: Attempt, atol: float = 1e-5, rtol: float = 1e-4,
