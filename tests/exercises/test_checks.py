@@ -813,13 +813,16 @@ def _values_in(obj, found: list, depth: int = 3) -> None:
         _values_in(vars(obj), found, depth - 1)
 
 
+_TENSOR_TYPES = frozenset((torch.Tensor, torch.nn.Parameter))  # (a set: the scan runs over every live object)
+
+
 def _live_tensors() -> list:
     import gc
     import warnings
 
     with warnings.catch_warnings():  # isinstance on some of torch's deprecated objects warns
         warnings.simplefilter("ignore")
-        return [obj for obj in gc.get_objects() if type(obj) in (torch.Tensor, torch.nn.Parameter)]
+        return [obj for obj in gc.get_objects() if type(obj) in _TENSOR_TYPES]
 
 
 def _everything_a_learner_can_reach(every_live_tensor: bool, older: set[int] = frozenset()) -> list:

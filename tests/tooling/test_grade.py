@@ -207,7 +207,8 @@ def graded_class(tmp_path_factory):
     """Grade the whole class at once, three at a time (one sleeps until the timeout), into a CSV; yields (learner -> report, csv rows, result)."""
     folder = tmp_path_factory.mktemp("class")
     paths = []
-    for learner, nb in _submissions().items():
+    submissions = _submissions()  # the one that sleeps until the timeout first, so that the others grade meanwhile
+    for learner, nb in sorted(submissions.items(), key=lambda item: item[0] != "hangs"):
         (folder / learner).mkdir()
         nbformat.write(nb, folder / learner / "03_qk_ov.ipynb")
         paths.append(str(folder / learner / "03_qk_ov.ipynb"))
@@ -284,6 +285,10 @@ def test_a_hanging_or_dying_notebook_is_scored_on_what_ran(graded_class) -> None
         assert rows[learner]["score"] == "1"
     assert any("timeout" in line for line in reports["hangs"]["other_errors"] + [reports["hangs"]["exercises"][1]["message"]])
     assert reports["hangs"]["seconds"] < CLASS_TIMEOUT + 60
+    # a dead kernel is noticed at once, not after the timeout
+    assert reports["kills_its_kernel"]["seconds"] < CLASS_TIMEOUT / 2, reports["kills_its_kernel"]
+    assert any("died" in line for line in reports["kills_its_kernel"]["other_errors"]
+               + [e["message"] for e in reports["kills_its_kernel"]["exercises"]]), reports["kills_its_kernel"]
 
 
 def test_the_exit_status_says_whether_every_exercise_passed(monkeypatch, capsys) -> None:

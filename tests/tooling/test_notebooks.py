@@ -243,6 +243,7 @@ def test_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
 
 SOLUTION_PATHS = nbs.solution_paths(nbs.REPO_ROOT)
 REPORT = "# which function each exercise's name holds after its check, and how often later cells called it"
+STRICT_CHECK = "strict-check"  # the tag of the appended cells that check the unsolved half's solutions
 
 
 def half_solved(nb: NotebookNode, chapter: int) -> tuple[NotebookNode, dict[str, bool]]:
@@ -276,6 +277,16 @@ def half_solved(nb: NotebookNode, chapter: int) -> tuple[NotebookNode, dict[str,
                               f"is checks.EXERCISES[{numbers[name]!r}].stand_in else repr({name}))\n"
                               f"{name} = _counted({name}, {name!r})"))
     cells.append(code(f"{REPORT}\nimport json as _json\nprint(_json.dumps({{'bound': _bound, 'calls': _calls}}))"))
+    # then the other half's solutions, each checked as nbval and the grader check it (a failed check fails its cell):
+    # with the first half's checks above, every exercise's solution passes its check on these models
+    cells.append(code("import os as _os\n_os.environ['CIRCUITS_STRICT_CHECKS'] = '1'"))
+    for index, cell in enumerate(nb.cells):
+        if cell.cell_type == "code" and nbs.BEGIN_MARKER in cell.source:
+            defined = re.findall(r"^def (\w+)\(", cell.source, re.MULTILINE)
+            unsolved = [name for name in defined if solved.get(name) is False]
+            if unsolved:
+                cells.append(code(cell.source))
+                cells += [code(f"{name} = checks.check_{name}({name})", tags=[STRICT_CHECK]) for name in unsolved]
     return make_nb(*cells), solved
 
 
@@ -283,9 +294,10 @@ def half_solved(nb: NotebookNode, chapter: int) -> tuple[NotebookNode, dict[str,
 @pytest.mark.parametrize("path", SOLUTION_PATHS, ids=lambda p: p.name)
 def test_a_learner_who_solved_every_other_exercise_runs_to_the_end_on_their_own_functions(path, monkeypatch):
     """Run All as a learner in JupyterLab would (a failed check prints and goes on), with every other exercise
-    solved: no cell fails; each solved exercise's check hands back the learner's function, each unsolved one's the
-    course's stand-in ("not implemented yet"); and the later cells that use the name really call what was handed
-    back (the calls are counted)."""
+    solved: no cell fails (so every claim of the chapter holds); each solved exercise's check hands back the learner's
+    function, each unsolved one's the course's stand-in ("not implemented yet"); and the later cells that use the
+    name really call what was handed back (the calls are counted). Then the unsolved half's solutions, checked as
+    nbval and the grader do: with the first half, every exercise's solution passes its check."""
     from nbclient import NotebookClient
 
     chapter = int(path.name[:2])
@@ -300,7 +312,8 @@ def test_a_learner_who_solved_every_other_exercise_runs_to_the_end_on_their_own_
             assert out.output_type != "error", (f"{path.name}: cell {index} raised {out.ename}: {out.evalue}\n"
                                                 + ANSI.sub("", "\n".join(out.traceback))[-2000:] + f"\n{cell.source}")
     printed = {i: ANSI.sub("", "".join(o.get("text", "") for o in c.get("outputs", []))) for i, c in enumerate(nb.cells)}
-    [report] = [json.loads(printed[i]) for i, c in enumerate(nb.cells) if c.source.startswith(REPORT)]
+    [reported] = [i for i, c in enumerate(nb.cells) if c.source.startswith(REPORT)]
+    report = json.loads(printed[reported])
     later_uses = {}
     for name, is_solved in solved.items():
         [at] = [i for i, c in enumerate(nb.cells) if "check" in c.metadata.get("tags", []) and f"check_{name}(" in c.source]
@@ -309,10 +322,14 @@ def test_a_learner_who_solved_every_other_exercise_runs_to_the_end_on_their_own_
         else:
             assert "not implemented yet" in printed[at] and "in place of yours" in printed[at], printed[at]
         assert report["bound"][name] == ("theirs" if is_solved else "stand-in"), (name, report["bound"])
-        uses = [c.source for c in nb.cells[at + 2:] if c.cell_type == "code" and name in _used_names([c.source])
+        uses = [c.source for c in nb.cells[at + 2:reported] if c.cell_type == "code" and name in _used_names([c.source])
                 and "check" not in c.metadata.get("tags", [])]
         later_uses[name] = bool(uses)
         if uses:
             assert report["calls"].get(name, 0) > 0, f"{path.name}: later cells name {name} but never call it"
     if chapter in LEARNERS_VIEW:
         assert 2 * sum(later_uses.values()) >= len(later_uses), f"{path.name}: later cells use {later_uses}"
+    strict = {i for i, c in enumerate(nb.cells) if STRICT_CHECK in c.metadata.get("tags", [])}
+    checked = {name for name, is_solved in solved.items() if not is_solved
+               if any(f"check_{name}(" in nb.cells[i].source and "all checks passed" in printed[i] for i in strict)}
+    assert checked == {name for name, is_solved in solved.items() if not is_solved}, (path.name, checked)

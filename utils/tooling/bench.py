@@ -384,7 +384,8 @@ class _ChildMemoryMonitor(threading.Thread):
     """Polls the RSS of this process's descendants started after it (the kernel and its children).
 
     Descendants alive before the monitor started (a test runner's leftover kernel, a grader's
-    subprocess) are not the notebook's and are left out.
+    subprocess) are not the notebook's and are left out, and so is a child sampled between fork and
+    exec, which still shows this whole process's memory.
 
     The peak is the largest sampled sum, or the largest per-process VmHWM (Linux's exact
     high-water mark, which catches spikes between samples), whichever is larger.
@@ -401,6 +402,10 @@ class _ChildMemoryMonitor(threading.Thread):
         self.peak_hwm = 0
         self._stop_event = threading.Event()
         self._before = self._descendant_pids()
+        try:  # a child caught between fork and exec is still a copy of this process: not the notebook's memory
+            self._own_cmdline = psutil.Process().cmdline()
+        except psutil.Error:
+            self._own_cmdline = None
 
     def _descendant_pids(self) -> set[int]:
         try:
@@ -420,6 +425,8 @@ class _ChildMemoryMonitor(threading.Thread):
             if proc.pid in self._before:
                 continue
             try:
+                if proc.cmdline() == self._own_cmdline:
+                    continue
                 total += proc.memory_info().rss
             except psutil.Error:
                 continue

@@ -333,9 +333,32 @@ def failure_message(text: str) -> str:
 # The nbval run's own plugin, written next to the graded notebook as its conftest.py: a file of
 # its own, so that pytest's process does not import utils (and torch) just to note outcomes.
 _RESULTS_PLUGIN = f"""# written by utils.grade: note every nbval cell's outcome, one JSON line each
-import json, os
+import json, os, time
+from queue import Empty
 
 _CELL_OF = {{}}  # nbval item -> the id of its cell
+
+
+def pytest_configure(config):
+    # nbval waits out the whole cell timeout for a reply even when the kernel has died (a learner's os._exit, the
+    # memory killer): poll it every second instead, and fail the cell as soon as the kernel is gone
+    from nbval.kernel import RunningKernel
+
+    wait = RunningKernel.await_reply
+
+    def await_reply(self, msg_id, timeout=None):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            step = 1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic()))
+            try:
+                return wait(self, msg_id, timeout=step)
+            except Empty:
+                if not self.is_alive():
+                    raise RuntimeError("Kernel died while running this cell") from None
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+
+    RunningKernel.await_reply = await_reply
 
 
 def pytest_collection_modifyitems(items):
