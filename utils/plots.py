@@ -28,7 +28,9 @@ def attention_pattern(pattern: Tensor, tokens: Sequence[int], title: str = "Atte
                     text_auto=".2f", title=title)
     fig.update_xaxes(side="top", type="category")
     fig.update_yaxes(type="category")
-    return fig.update_layout(**_LAYOUT, width=520, height=480)
+    # the key axis and its label sit on top: room for them between the title and the grid
+    return fig.update_layout(**dict(_LAYOUT, margin=dict(_LAYOUT["margin"], t=110)), width=max(520, 48 * len(labels) + 140),
+                             height=max(480, 40 * len(labels) + 170), title_y=0.97)
 
 
 def loss_curve(losses: Sequence[float], title: str = "Training loss") -> go.Figure:
