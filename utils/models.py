@@ -443,6 +443,17 @@ def split_summary(report: dict) -> str:
 
 
 _TOY = dict(n_heads=1, normalization_type=None)
+
+
+def _fresh_batches(mystery: str) -> Callable[[int, torch.Generator], Batches]:
+    """Training batches of a chapter-10 mystery: fresh inputs at every step."""
+    return lambda batch_size, g: lambda: mysteries.fresh_inputs(mystery, batch_size, g)
+
+
+def _fresh_accuracy(mystery: str) -> Callable[[torch.nn.Module], dict]:
+    """A mystery model's report: its accuracy on 20,000 fixed fresh inputs (mystery c: all 4,096 pairs)."""
+    return lambda model: {"accuracy": accuracy(model, *mysteries.fresh_inputs(mystery, 20_000,
+                                                                               torch.Generator().manual_seed(1234)))}
 _ADDER = dict(d_model=128, d_head=128, n_layers=1, d_vocab=tasks.ADDITION_MAX + 1, d_mlp=128, act_fn="relu",
               init_mode="xavier_normal", **_TOY)
 _ADDITION = dict(_ADDER, n_ctx=2)
@@ -516,23 +527,20 @@ SPECS: dict[str, ModelSpec] = {spec.name: spec for spec in [
         dict(d_model=32, d_head=32, n_layers=1, n_ctx=mysteries.LENGTH_A, d_vocab=mysteries.VOCAB_A, attn_only=True,
              **_TOY),
         Recipe(steps=1000, lr=3e-3, batch_size=512, weight_decay=0.01, warmup=50, check_every=250, extra_steps=1000),
-        lambda batch_size, g: lambda: mysteries.mystery_a_batch(batch_size, generator=g),
-        lambda model: {"accuracy": accuracy(model, *mysteries.mystery_a_batch(20_000, torch.Generator().manual_seed(1234)))},
+        _fresh_batches("mystery_a"), _fresh_accuracy("mystery_a"),
         lambda report: report["accuracy"] >= 0.999, ">= 99.9 % of 20,000 fresh lists", timed=False),
     ModelSpec(
         "mystery_b", "chapter 10's second mystery model",
         dict(d_model=64, d_head=64, n_layers=1, n_ctx=2 * mysteries.SORT_LENGTH, d_vocab=mysteries.SORT_VOCAB + 1,
              attn_only=True, **_TOY),
         Recipe(steps=1500, lr=3e-3, batch_size=512, weight_decay=0.01, warmup=100, check_every=250, extra_steps=1500),
-        lambda batch_size, g: lambda: mysteries.mystery_b_batch(batch_size, generator=g),
-        lambda model: {"accuracy": accuracy(model, *mysteries.mystery_b_batch(20_000, torch.Generator().manual_seed(1234)))},
+        _fresh_batches("mystery_b"), _fresh_accuracy("mystery_b"),
         lambda report: report["accuracy"] >= 0.999, ">= 99.9 % of the predictions on 20,000 fresh lists", timed=False),
     ModelSpec(
         "mystery_c", "chapter 10's third mystery model",
         dict(_ADDER, d_model=64, d_head=64, n_ctx=2, d_vocab=mysteries.VOCAB_C),
         Recipe(steps=1500, lr=1e-2, batch_size=512, weight_decay=0.01, warmup=100, check_every=500, extra_steps=4500),
-        dataset_batches(mysteries.mystery_c_data),
-        lambda model: {"accuracy": accuracy(model, *mysteries.mystery_c_data())},
+        dataset_batches(mysteries.mystery_c_data), _fresh_accuracy("mystery_c"),
         _all_right, "100 % of the 4,096 pairs", timed=False),
     ModelSpec(
         "induction", "random tokens with a stretch repeated; predict the repeat",

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from utils import explanations, models, mysteries
+from utils import circuits, explanations, models, mysteries
 from utils.checks.engine import Attempt, CheckFailed, Mistake, call_learner, diagnosis, exercise, passed
 
 AGREEMENT = 0.99  # a rule passes when it gives the model's answer on at least this share of fresh inputs
@@ -154,9 +154,9 @@ def _pattern_check(name: str) -> Callable:
 
 def _scored_rows(pattern: Tensor, rows: slice) -> Tensor:
     """The pattern with the rows that are not scored set to even attention (so a named mistake is recognised)."""
-    tokens = torch.zeros(pattern.shape[:2], dtype=torch.long)
-    return explanations.one_hot_rows(tokens, rows, torch.zeros_like(tokens[:, rows])).index_copy(
-        1, torch.arange(pattern.shape[1])[rows], pattern[:, rows])
+    out = circuits.uniform_causal_pattern(pattern).clone()
+    out[:, rows] = pattern[:, rows]
+    return out
 
 
 def _classes(key: Tensor) -> Tensor:
